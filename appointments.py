@@ -1,0 +1,287 @@
+"""Appointments API: start and end appointments; ending one queues its charge in the same transaction.
+
+    python appointments.py        # serves on APPOINTMENTS_PORT (default 8080)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import re
+import signal
+import uuid
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import falcon
+import psycopg_pool
+from psycopg.rows import dict_row
+
+from common import (
+    CENTS,
+    MAX_MONEY,
+    Config,
+    Problem,
+    SchemaValidator,
+    base_app,
+    format_timestamp,
+    load_config_or_exit,
+    make_pool,
+    make_server,
+    money,
+    openapi_spec,
+    read_json_object,
+    send,
+    setup_logging,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Functional core: pricing, parsing and the end decision, no I/O.
+
+
+def billed_minutes(duration: dt.timedelta) -> int:
+    """Every started minute counts: 0 s -> 0, 1 s -> 1, 60 s -> 1, 61 s -> 2."""
+    if duration < dt.timedelta(0):
+        raise ValueError("duration must not be negative")
+    microseconds = (duration.days * 86_400 + duration.seconds) * 1_000_000 + duration.microseconds
+    return -(-microseconds // 60_000_000)
+
+
+def price_for(duration: dt.timedelta, hourly_rate: decimal.Decimal) -> decimal.Decimal:
+    """hourly_rate x started minutes / 60, rounded half-up to cents."""
+    exact = hourly_rate * billed_minutes(duration) / 60
+    return exact.quantize(CENTS, rounding=decimal.ROUND_HALF_UP)
+
+
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})?")
+FIRST_YEAR, LAST_YEAR = 1900, 9998
+
+
+def parse_timestamp(value: str, tz: ZoneInfo, field: str) -> dt.datetime:
+    """'YYYY-MM-DD HH:MM:SS' (read in tz) or ISO 8601 with an offset; kept to the whole second."""
+    shape = _TIMESTAMP.fullmatch(value)
+    if not shape:
+        raise Problem(400, f"{field}: expected 'YYYY-MM-DD HH:MM:SS' or ISO 8601 like '2020-12-01T13:00:00-03:00', got {value!r}")
+    if value[10] == "T" and shape.group(2) is None:
+        raise Problem(400, f"{field}: an ISO 8601 time with 'T' needs an offset (Z or ±HH:MM), got {value!r}")
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=tz)
+        if not FIRST_YEAR <= parsed.astimezone(dt.timezone.utc).year <= LAST_YEAR:
+            raise ValueError(f"year outside {FIRST_YEAR}..{LAST_YEAR}")
+    except (ValueError, OverflowError) as exc:
+        raise Problem(400, f"{field}: not a valid date and time ({exc}), got {value!r}") from None
+    return parsed.replace(microsecond=0)
+
+
+def parse_id(value: str, field: str = "id") -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise Problem(400, f"{field}: must be a UUID, got {value!r}") from None
+
+
+def new_appointment(body: dict[str, Any], tz: ZoneInfo, hourly_rate: decimal.Decimal) -> dict[str, Any]:
+    """A validated start request (body already matched the AppointmentStart schema)."""
+    start = body.get("start_date")
+    return {
+        "id": parse_id(body["id"]) if "id" in body else uuid.uuid4(),
+        "physician_id": parse_id(body["physician_id"], "physician_id"),
+        "patient_id": parse_id(body["patient_id"], "patient_id"),
+        "start_date": None if start is None else parse_timestamp(start, tz, "start_date"),
+        "hourly_rate": hourly_rate,
+    }
+
+
+def start_conflicts(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """The fields of a repeated start that differ from the stored appointment."""
+    fields = ["physician_id", "patient_id"] + (["start_date"] if requested["start_date"] is not None else [])
+    return [f for f in fields if stored[f] != requested[f]]
+
+
+def plan_end(row: dict[str, Any], requested: dt.datetime | None, now: dt.datetime) -> tuple[dt.datetime, decimal.Decimal] | None:
+    """What ending this appointment means: (end_date, price), or None when it already ended so.
+
+    Raises Problem 409 for a different end_date on an ended appointment, 422 for one before start.
+    """
+    if row["end_date"] is not None:
+        if requested is None or requested == row["end_date"]:
+            return None
+        raise Problem(409, f"end_date: appointment {row['id']} already ended at {row['end_date'].isoformat()}; a different end_date cannot be applied")
+    end = now if requested is None else requested
+    if end < row["start_date"]:
+        raise Problem(422, f"end_date: {end.isoformat()} is before start_date {row['start_date'].isoformat()}")
+    price = price_for(end - row["start_date"], row["hourly_rate"])
+    if price > MAX_MONEY:
+        raise Problem(422, f"end_date: the appointment would cost {price}, over the maximum of {MAX_MONEY}")
+    return end, price
+
+
+def representation(row: dict[str, Any], tz: ZoneInfo) -> dict[str, Any]:
+    return {
+        "id": str(row["id"]),
+        "start_date": format_timestamp(row["start_date"], tz),
+        "end_date": format_timestamp(row["end_date"], tz),
+        "physician_id": str(row["physician_id"]),
+        "patient_id": str(row["patient_id"]),
+        "price": money(row["price"]),
+        "billing_status": row["billing_status"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage: each method is one short transaction.
+
+INSERT_APPOINTMENT = """
+INSERT INTO appointments (id, physician_id, patient_id, start_date, hourly_rate)
+VALUES (%(id)s, %(physician_id)s, %(patient_id)s,
+        coalesce(%(start_date)s, date_trunc('second', now())), %(hourly_rate)s)
+ON CONFLICT (id) DO NOTHING
+RETURNING id, start_date, end_date, physician_id, patient_id, price, NULL::text AS billing_status
+"""
+
+SELECT_APPOINTMENT = """
+SELECT a.id, a.start_date, a.end_date, a.physician_id, a.patient_id, a.price,
+       q.status AS billing_status
+FROM appointments a
+LEFT JOIN billing_queue q ON q.appointment_id = a.id
+WHERE a.id = %(id)s
+"""
+
+# Row lock: concurrent ends of one appointment queue here, and each then sees the others' result.
+LOCK_APPOINTMENT = """
+SELECT a.id, a.start_date, a.end_date, a.physician_id, a.patient_id, a.price, a.hourly_rate,
+       q.status AS billing_status, date_trunc('second', now()) AS now
+FROM appointments a
+LEFT JOIN billing_queue q ON q.appointment_id = a.id
+WHERE a.id = %(id)s
+FOR UPDATE OF a
+"""
+
+# The end and its pending charge in one statement of one transaction; NOTIFY wakes the worker at
+# commit (and is dropped with a rollback, like the rest).
+END_AND_QUEUE_CHARGE = """
+WITH ended AS (
+    UPDATE appointments SET end_date = %(end_date)s, price = %(price)s
+    WHERE id = %(id)s
+    RETURNING id, price
+), queued AS (
+    INSERT INTO billing_queue (appointment_id, total_price)
+    SELECT id, price FROM ended
+    RETURNING appointment_id
+)
+SELECT pg_notify('billing_queue', appointment_id::text) FROM queued
+"""
+
+
+class AppointmentStore:
+    def __init__(self, pool: psycopg_pool.ConnectionPool):
+        self._pool = pool
+
+    def get(self, appointment_id: uuid.UUID) -> dict[str, Any]:
+        with self._pool.connection() as conn:
+            row = conn.cursor(row_factory=dict_row).execute(SELECT_APPOINTMENT, {"id": appointment_id}).fetchone()
+        if row is None:
+            raise Problem(404, f"id: no appointment {appointment_id}")
+        return row
+
+    def start(self, new: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """(created, row); a repeat of the same start returns the stored row."""
+        with self._pool.connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=dict_row)
+            row = cur.execute(INSERT_APPOINTMENT, new).fetchone()
+            if row is not None:
+                return True, row
+            stored = cur.execute(SELECT_APPOINTMENT, new).fetchone()
+        differs = start_conflicts(stored, new)
+        if differs:
+            raise Problem(409, f"id: appointment {new['id']} already exists with another {', '.join(differs)}")
+        return False, stored
+
+    def end(self, appointment_id: uuid.UUID, requested: dt.datetime | None) -> dict[str, Any]:
+        with self._pool.connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=dict_row)
+            row = cur.execute(LOCK_APPOINTMENT, {"id": appointment_id}).fetchone()
+            if row is None:
+                raise Problem(404, f"id: no appointment {appointment_id}")
+            plan = plan_end(row, requested, row["now"])
+            if plan is None:
+                return row
+            end_date, price = plan
+            cur.execute(END_AND_QUEUE_CHARGE, {"id": appointment_id, "end_date": end_date, "price": price})
+        return {**row, "end_date": end_date, "price": price, "billing_status": "pending"}
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: one resource per URL, each handler a few lines.
+
+
+class Appointments:
+    """/appointments"""
+
+    def __init__(self, store: AppointmentStore, config: Config):
+        self._store, self._config = store, config
+        self._validate = SchemaValidator(openapi_spec(), "AppointmentStart")
+
+    def on_post(self, req, resp):
+        new = new_appointment(read_json_object(req, self._validate), self._config.timezone, self._config.hourly_rate)
+        created, row = self._store.start(new)
+        send(resp, 201 if created else 200, representation(row, self._config.timezone))
+        resp.location = f"/appointments/{row['id']}"
+
+
+class Appointment:
+    """/appointments/{appointment_id}"""
+
+    def __init__(self, store: AppointmentStore, config: Config):
+        self._store, self._config = store, config
+
+    def on_get(self, req, resp, appointment_id):
+        row = self._store.get(parse_id(appointment_id))
+        send(resp, 200, representation(row, self._config.timezone))
+
+
+class AppointmentEnd:
+    """/appointments/{appointment_id}/end"""
+
+    def __init__(self, store: AppointmentStore, config: Config):
+        self._store, self._config = store, config
+        self._validate = SchemaValidator(openapi_spec(), "AppointmentEnd")
+
+    def on_post(self, req, resp, appointment_id):
+        appointment_id = parse_id(appointment_id)
+        body = read_json_object(req, self._validate, optional=True)
+        end = body.get("end_date")
+        requested = None if end is None else parse_timestamp(end, self._config.timezone, "end_date")
+        send(resp, 200, representation(self._store.end(appointment_id, requested), self._config.timezone))
+
+
+def create_app(config: Config, pool: psycopg_pool.ConnectionPool) -> falcon.App:
+    store = AppointmentStore(pool)
+    app = base_app(pool)
+    app.add_route("/appointments", Appointments(store, config))
+    app.add_route("/appointments/{appointment_id}", Appointment(store, config))
+    app.add_route("/appointments/{appointment_id}/end", AppointmentEnd(store, config))
+    return app
+
+
+def main() -> None:
+    config = load_config_or_exit()
+    setup_logging(config)
+    pool = make_pool(config, "appointments")
+    pool.open(wait=False)  # serve /health and 503s while the database is still coming up
+    server = make_server(create_app(config, pool), config.appointments_port)
+
+    def stop(*_):
+        raise KeyboardInterrupt  # waitress finishes the requests in flight, then run() returns
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.run()
+    finally:
+        pool.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""Billing worker: turns every queued charge into exactly one billing entry, and serves them over HTTP.
+
+    python billing_worker.py            # work forever; HTTP on BILLING_PORT (default 8081)
+    python billing_worker.py --once     # bill everything that is due, print a summary, exit 0
+    python billing_worker.py requeue    # make failed charges pending again
+
+Exactly once: a charge is claimed, written and marked billed in one transaction. A crash at any
+point rolls that transaction back and the rows are claimed again on the next pass; the primary key
+of billing_entries is the last line of defence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import threading
+import time
+import uuid
+
+import falcon
+import psycopg
+import psycopg_pool
+from psycopg.rows import dict_row
+
+from common import (
+    Config,
+    Problem,
+    base_app,
+    format_timestamp,
+    load_config_or_exit,
+    make_pool,
+    make_server,
+    money,
+    on_stop_signals,
+    send,
+    serve_in_thread,
+    setup_logging,
+)
+
+log = logging.getLogger("clinic.billing")
+
+CHANNEL = "billing_queue"
+# A worker frozen inside a transaction (SIGSTOP, a stuck VM) loses its session after this long,
+# which rolls its batch back and frees the rows for the other workers.
+WORKER_SESSION = {"idle_in_transaction_session_timeout": "5s", "statement_timeout": "60s"}
+MAX_BACKOFF_SECONDS = 3600
+
+# The fast path: claim, charge and mark a whole batch in one statement. Rows another worker holds
+# are skipped, not waited for; the index billing_queue_due serves the inner SELECT.
+CLAIM_AND_BILL = """
+WITH due AS (
+    SELECT appointment_id, total_price
+    FROM billing_queue
+    WHERE status = 'pending' AND available_at <= now()
+    ORDER BY available_at, appointment_id
+    LIMIT %(batch_size)s
+    FOR UPDATE SKIP LOCKED
+), charged AS (
+    INSERT INTO billing_entries (appointment_id, total_price)
+    SELECT appointment_id, total_price FROM due
+    ON CONFLICT (appointment_id) DO NOTHING
+)
+UPDATE billing_queue q
+SET status = 'billed', processed_at = now(), attempts = q.attempts + 1
+FROM due
+WHERE q.appointment_id = due.appointment_id
+RETURNING q.appointment_id
+"""
+
+# The slow path, after the fast one failed: the same claim, then each row on its own savepoint so
+# that one bad row cannot hold back the rest.
+CLAIM = """
+SELECT appointment_id, total_price
+FROM billing_queue
+WHERE status = 'pending' AND available_at <= now()
+ORDER BY available_at, appointment_id
+LIMIT %(batch_size)s
+FOR UPDATE SKIP LOCKED
+"""
+
+BILL_ONE = """
+WITH charged AS (
+    INSERT INTO billing_entries (appointment_id, total_price)
+    VALUES (%(appointment_id)s, %(total_price)s)
+    ON CONFLICT (appointment_id) DO NOTHING
+)
+UPDATE billing_queue
+SET status = 'billed', processed_at = now(), attempts = attempts + 1
+WHERE appointment_id = %(appointment_id)s
+"""
+
+# Exponential backoff (2, 4, 8 ... s, at most an hour); after max_attempts the row is 'failed'.
+RECORD_FAILURE = """
+UPDATE billing_queue
+SET attempts = attempts + 1,
+    last_error = %(error)s,
+    available_at = now() + least(power(2, attempts + 1), %(max_backoff)s) * interval '1 second',
+    status = CASE WHEN attempts + 1 >= %(max_attempts)s THEN 'failed' ELSE 'pending' END
+WHERE appointment_id = %(appointment_id)s
+RETURNING status, attempts
+"""
+
+REQUEUE_FAILED = """
+UPDATE billing_queue
+SET status = 'pending', attempts = 0, available_at = now()
+WHERE status = 'failed'
+"""
+
+SELECT_ENTRY = """
+SELECT appointment_id, total_price, created_at FROM billing_entries WHERE appointment_id = %(id)s
+"""
+
+# Served by the index billing_entries_newest.
+LIST_ENTRIES = """
+SELECT appointment_id, total_price, created_at
+FROM billing_entries
+ORDER BY created_at DESC, appointment_id DESC
+LIMIT %(limit)s
+"""
+
+
+@dataclasses.dataclass
+class Tally:
+    billed: int = 0
+    retried: int = 0
+    failed: int = 0
+
+    def add(self, other: Tally) -> None:
+        self.billed += other.billed
+        self.retried += other.retried
+        self.failed += other.failed
+
+
+class Biller:
+    """Runs batches against the database; knows nothing of loops, signals or LISTEN."""
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool, batch_size: int, max_attempts: int):
+        self._pool = pool
+        self._batch_size = batch_size
+        self._max_attempts = max_attempts
+
+    def batch(self, conn: psycopg.Connection) -> tuple[int, Tally]:
+        """One transaction: (rows claimed, what became of them)."""
+        try:
+            with conn.transaction():
+                billed = conn.execute(CLAIM_AND_BILL, {"batch_size": self._batch_size}).rowcount
+            return billed, Tally(billed=billed)
+        except psycopg.OperationalError:
+            raise  # connection or server trouble: nothing was billed, the rows stay pending
+        except psycopg.Error as exc:
+            log.warning("batch failed (%s); billing its rows one by one", exc.__class__.__name__)
+            return self._row_by_row(conn)
+
+    def _row_by_row(self, conn: psycopg.Connection) -> tuple[int, Tally]:
+        tally = Tally()
+        with conn.transaction():
+            rows = conn.cursor(row_factory=dict_row).execute(CLAIM, {"batch_size": self._batch_size}).fetchall()
+            for row in rows:
+                try:
+                    with conn.transaction():  # a savepoint
+                        conn.execute(BILL_ONE, row)
+                    tally.billed += 1
+                except psycopg.OperationalError:
+                    raise
+                except psycopg.Error as exc:
+                    self._record_failure(conn, row["appointment_id"], exc, tally)
+        return len(rows), tally
+
+    def _record_failure(self, conn, appointment_id, exc: psycopg.Error, tally: Tally) -> None:
+        error = f"{exc.__class__.__name__}: {str(exc).strip()}"[:2000]
+        status, attempts = conn.execute(
+            RECORD_FAILURE,
+            {
+                "appointment_id": appointment_id,
+                "error": error,
+                "max_attempts": self._max_attempts,
+                "max_backoff": MAX_BACKOFF_SECONDS,
+            },
+        ).fetchone()
+        if status == "failed":
+            tally.failed += 1
+            log.error("charge for appointment %s FAILED after %d attempts, needs attention: %s", appointment_id, attempts, error)
+        else:
+            tally.retried += 1
+            log.warning("charge for appointment %s failed (attempt %d of %d), will retry: %s", appointment_id, attempts, self._max_attempts, error)
+
+    def drain(self, stop: threading.Event | None = None) -> Tally:
+        """Batches until nothing is due (or stop is set)."""
+        total = Tally()
+        with self._pool.connection(timeout=2) as conn:
+            while stop is None or not stop.is_set():
+                claimed, tally = self.batch(conn)
+                total.add(tally)
+                if claimed < self._batch_size:
+                    break
+        if total.billed or total.retried or total.failed:
+            log.info("drained: %s", dataclasses.asdict(total))
+        return total
+
+    def requeue(self) -> int:
+        with self._pool.connection() as conn, conn.transaction():
+            return conn.execute(REQUEUE_FAILED).rowcount
+
+
+class Listener:
+    """Waits for NOTIFY on CHANNEL; without a working connection it only sleeps (the poll)."""
+
+    RECONNECT_EVERY = 1.0
+
+    def __init__(self, conninfo: str, stop: threading.Event):
+        self._conninfo = conninfo
+        self._stop = stop
+        self._conn: psycopg.Connection | None = None
+        self._next_connect = 0.0
+
+    def wait(self, seconds: float) -> None:
+        """Returns on a notification, on stop, on a fresh LISTEN (rows may have come meanwhile),
+        or after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self._conn is None and time.monotonic() >= self._next_connect:
+                if self._connect():
+                    return
+            if self._conn is None:
+                self._stop.wait(min(remaining, 0.5))
+                continue
+            try:
+                # Short slices so that SIGTERM is honoured within half a second.
+                if any(True for _ in self._conn.notifies(timeout=min(remaining, 0.5), stop_after=1)):
+                    for _ in self._conn.notifies(timeout=0):
+                        pass  # one drain serves every notification already queued
+                    return
+            except psycopg.Error as exc:
+                log.warning("lost the LISTEN connection (%s); polling until it is back", exc)
+                self.close()
+
+    def _connect(self) -> bool:
+        self._next_connect = time.monotonic() + self.RECONNECT_EVERY
+        try:
+            self._conn = psycopg.connect(
+                self._conninfo, autocommit=True, connect_timeout=2, application_name="billing-worker-listen"
+            )
+            self._conn.execute(f"LISTEN {CHANNEL}")
+            return True
+        except psycopg.Error as exc:
+            log.debug("cannot LISTEN yet: %s", exc)
+            self.close()
+            return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def work(biller: Biller, listener: Listener, poll_seconds: float, stop: threading.Event) -> None:
+    """Drain, then wait for a NOTIFY or the poll interval; until stop is set."""
+    while not stop.is_set():
+        try:
+            biller.drain(stop)
+        except psycopg.OperationalError as exc:
+            log.warning("database unavailable, will retry: %s", exc)
+            stop.wait(1.0)
+            continue
+        except psycopg.Error:
+            # e.g. the schema is not applied yet: keep the process up and try again.
+            log.exception("billing pass failed, will retry")
+            stop.wait(poll_seconds)
+            continue
+        listener.wait(poll_seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: read-only view of the ledger.
+
+
+def entry_representation(row, config: Config) -> dict:
+    return {
+        "appointment_id": str(row["appointment_id"]),
+        "total_price": money(row["total_price"]),
+        "created_at": format_timestamp(row["created_at"], config.timezone),
+    }
+
+
+class BillingEntries:
+    """/billing-entries"""
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool, config: Config):
+        self._pool, self._config = pool, config
+
+    def on_get(self, req, resp):
+        limit = req.get_param_as_int("limit", min_value=1, max_value=1000, default=100)
+        with self._pool.connection() as conn:
+            rows = conn.cursor(row_factory=dict_row).execute(LIST_ENTRIES, {"limit": limit}).fetchall()
+        send(resp, 200, [entry_representation(row, self._config) for row in rows])
+
+
+class BillingEntry:
+    """/billing-entries/{appointment_id}"""
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool, config: Config):
+        self._pool, self._config = pool, config
+
+    def on_get(self, req, resp, appointment_id):
+        try:
+            key = uuid.UUID(appointment_id)
+        except ValueError:
+            raise Problem(400, f"appointment_id: must be a UUID, got {appointment_id!r}") from None
+        with self._pool.connection() as conn:
+            row = conn.cursor(row_factory=dict_row).execute(SELECT_ENTRY, {"id": key}).fetchone()
+        if row is None:
+            raise Problem(404, f"appointment_id: no billing entry for {key} (yet)")
+        send(resp, 200, entry_representation(row, self._config))
+
+
+def create_app(config: Config, pool: psycopg_pool.ConnectionPool) -> falcon.App:
+    app = base_app(pool)
+    app.add_route("/billing-entries", BillingEntries(pool, config))
+    app.add_route("/billing-entries/{appointment_id}", BillingEntry(pool, config))
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="clinic-billing worker")
+    parser.add_argument("command", nargs="?", choices=["work", "requeue"], default="work")
+    parser.add_argument("--once", action="store_true", help="bill everything due, print a summary and exit")
+    args = parser.parse_args(argv)
+    config = load_config_or_exit()
+    setup_logging(config)
+    pool = make_pool(config, "billing-worker", max_size=4, **WORKER_SESSION)
+    biller = Biller(pool, config.batch_size, config.max_attempts)
+
+    if args.command == "requeue" or args.once:
+        try:
+            pool.open(wait=True, timeout=10)
+            result = {"requeued": biller.requeue()} if args.command == "requeue" else dataclasses.asdict(biller.drain())
+        except psycopg.OperationalError as exc:
+            print(f"database unavailable: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            pool.close()
+        print(json.dumps(result))
+        return 0
+
+    stop = threading.Event()
+    on_stop_signals(stop.set)
+    pool.open(wait=False)
+    server = make_server(create_app(config, pool), config.billing_port, threads=4)
+    serve_in_thread(server)
+    listener = Listener(config.database_url, stop)
+    log.info("billing worker up: HTTP on %d, polling every %ss", config.billing_port, config.poll_seconds)
+    try:
+        work(biller, listener, config.poll_seconds, stop)
+    finally:
+        listener.close()
+        server.task_dispatcher.shutdown(timeout=1)
+        pool.close()
+    log.info("billing worker stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
