@@ -1,0 +1,221 @@
+"""Test plumbing: a PostgreSQL cluster of our own, throwaway databases, and real service processes."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import psycopg.rows
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = (ROOT / "schema.sql").read_text()
+SERVICE_VARS = (
+    "DATABASE_URL APPOINTMENTS_PORT BILLING_PORT HOURLY_RATE APP_TIMEZONE BILLING_POLL_SECONDS "
+    "BILLING_BATCH_SIZE BILLING_MAX_ATTEMPTS LOG_LEVEL"
+).split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_dbname(url: str, dbname: str) -> str:
+    return psycopg.conninfo.make_conninfo(url, dbname=dbname)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Polls predicate until it returns something truthy; fails the test after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def server_bindir() -> str | None:
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout.strip()
+        if os.path.exists(os.path.join(bindir, "initdb")):
+            return bindir
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return os.path.dirname(found[-1]) if found else None
+
+
+class TempCluster:
+    """A PostgreSQL cluster this test run owns, so it may stop, crash and restart it."""
+
+    def __init__(self, port: int | None = None):
+        self.bindir = server_bindir()
+        if self.bindir is None:
+            raise RuntimeError("no PostgreSQL server binaries (initdb) found via pg_config or /usr/lib/postgresql/*/bin")
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="clinic-pg-"))
+        self.data = self.dir / "data"
+        self.log = self.dir / "server.log"
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        # initdb refuses to run as root: run the server binaries as the postgres OS user.
+        self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self._as:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+
+    def _run(self, tool: str, *args: str) -> None:
+        cmd = [*self._as, os.path.join(self.bindir, tool), *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            tail = self.log.read_text()[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stdout}{done.stderr}{tail}")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def destroy(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def create_database(admin_url: str, name: str, template: str | None = None) -> str:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+    return with_dbname(admin_url, name)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def apply_schema(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+
+
+def fresh_database(admin_url: str) -> str:
+    """A new database with the schema applied (for clusters without our template)."""
+    url = create_database(admin_url, f"clinic_test_{uuid.uuid4().hex[:12]}")
+    apply_schema(url)
+    return url
+
+
+class Service:
+    """One real service process (python appointments.py / billing_worker.py)."""
+
+    def __init__(self, script: str, env: dict[str, str], args: tuple[str, ...] = (), log_dir: Path | None = None):
+        self.script = script
+        base = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
+        self.env = {**base, **env}
+        self.log_path = Path(tempfile.mkstemp(prefix=f"{Path(script).stem}-", suffix=".log", dir=log_dir)[1])
+        with open(self.log_path, "wb") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, str(ROOT / script), *args], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    @property
+    def base_url(self) -> str:
+        key = "APPOINTMENTS_PORT" if self.script == "appointments.py" else "BILLING_PORT"
+        return f"http://127.0.0.1:{self.env[key]}"
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_healthy(self, timeout: float = 20) -> Service:
+        def answers():
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{self.script} exited with {self.popen.returncode}:\n{self.output()}")
+            with contextlib.suppress(requests.RequestException):
+                return requests.get(self.base_url + "/health", timeout=1).status_code == 200
+            return False
+
+        wait_until(answers, timeout, what=f"{self.script} /health")
+        return self
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 10) -> int:
+        """SIGTERM, then SIGKILL if it does not go; returns the exit code."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait(timeout=5)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(timeout=5)
+
+
+# A backlog of n ended appointments with their pending charges, as the API would have left them
+# (durations of 1 to 180 minutes, at the default rate), written in one statement for speed.
+MAKE_BACKLOG = """
+WITH ended AS (
+    INSERT INTO appointments (id, physician_id, patient_id, start_date, end_date, hourly_rate, price)
+    SELECT gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), s, s + make_interval(mins => g %% 180 + 1),
+           200.00, round(200.00 * (g %% 180 + 1) / 60, 2)
+    FROM generate_series(1, %(n)s) g, (SELECT timestamptz '2020-12-01 13:00:00+00' AS s) start
+    RETURNING id, price
+)
+INSERT INTO billing_queue (appointment_id, total_price) SELECT id, price FROM ended
+"""
+
+# Everything that would mean lost or doubled money, counted from the data. The expected price is
+# recomputed here in SQL, independently of the Python pricing code.
+LEDGER = """
+SELECT
+  (SELECT count(*) FROM appointments WHERE end_date IS NOT NULL) AS ended,
+  (SELECT count(*) FROM billing_entries) AS entries,
+  (SELECT count(*) FROM billing_queue WHERE status = 'pending') AS pending,
+  (SELECT count(*) FROM billing_queue WHERE status = 'failed') AS failed,
+  (SELECT count(*) FROM appointments a WHERE end_date IS NOT NULL
+      AND (SELECT count(*) FROM billing_entries e WHERE e.appointment_id = a.id) <> 1) AS not_billed_once,
+  (SELECT count(*) FROM billing_queue q WHERE (q.status = 'billed')
+      <> EXISTS (SELECT 1 FROM billing_entries e WHERE e.appointment_id = q.appointment_id)) AS status_mismatch,
+  (SELECT count(*) FROM billing_entries e JOIN appointments a ON a.id = e.appointment_id
+      WHERE e.total_price <> round(a.hourly_rate * ceil(extract(epoch FROM a.end_date - a.start_date) / 60) / 60, 2)
+  ) AS wrong_total
+"""
+
+
+def make_backlog(conn, n: int) -> None:
+    conn.execute(MAKE_BACKLOG, {"n": n})
+
+
+def ledger(conn) -> dict:
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    return cur.execute(LEDGER).fetchone()
+
+
+def assert_billed_exactly_once(conn, ended: int) -> None:
+    """Every ended appointment has exactly one entry with the right total; nothing else."""
+    assert ledger(conn) == {
+        "ended": ended, "entries": ended, "pending": 0, "failed": 0,
+        "not_billed_once": 0, "status_mismatch": 0, "wrong_total": 0,
+    }

@@ -1,0 +1,155 @@
+"""The billing worker's batches and its HTTP API, in process, against a real PostgreSQL."""
+
+import threading
+import uuid
+from decimal import Decimal
+
+import pytest
+
+import billing_worker
+from support import assert_billed_exactly_once, ledger, make_backlog
+
+
+def test_drain_bills_each_ended_appointment_once_with_its_price(make_appointment, biller, db):
+    first = make_appointment(start="2020-12-01 13:00:00", end="2020-12-01 14:00:00")
+    second = make_appointment(start="2020-12-01 13:00:00", end="2020-12-01 14:30:00")
+    make_appointment(start="2020-12-01 13:00:00")  # still open: nothing to bill
+    tally = biller.drain()
+    assert (tally.billed, tally.retried, tally.failed) == (2, 0, 0)
+    entries = {str(r["appointment_id"]): r["total_price"] for r in db.execute("SELECT * FROM billing_entries")}
+    assert entries == {first["id"]: Decimal("200.00"), second["id"]: Decimal("300.00")}
+    assert biller.drain().billed == 0
+    assert_billed_exactly_once(db, ended=2)
+
+
+def test_drain_works_through_a_backlog_larger_than_a_batch(biller, db, config):
+    make_backlog(db, config.batch_size * 3 + 7)
+    assert biller.drain().billed == config.batch_size * 3 + 7
+    assert_billed_exactly_once(db, ended=config.batch_size * 3 + 7)
+
+
+def test_billed_status_shows_on_the_appointment(api, make_appointment, biller):
+    appointment = make_appointment(start="2020-12-01 13:00:00", end="2020-12-01 14:00:00")
+    assert appointment["billing_status"] == "pending"
+    biller.drain()
+    assert api.simulate_get(f"/appointments/{appointment['id']}").json["billing_status"] == "billed"
+
+
+def test_a_charge_waiting_out_its_backoff_is_not_claimed(make_appointment, biller, db):
+    make_appointment(end="2020-12-01 14:00:00")
+    db.execute("UPDATE billing_queue SET available_at = now() + interval '1 hour'")
+    assert biller.drain().billed == 0
+    db.execute("UPDATE billing_queue SET available_at = now()")
+    assert biller.drain().billed == 1
+
+
+def test_two_billers_racing_on_one_backlog_never_claim_a_row_twice(config, pool, db):
+    """SKIP LOCKED: the rows the two report billing add up to the backlog, with no overlap."""
+    make_backlog(db, 3000)
+    billers = [billing_worker.Biller(pool, 100, 3) for _ in range(2)]
+    tallies, barrier = [], threading.Barrier(2)
+
+    def run(biller):
+        barrier.wait()
+        tallies.append(biller.drain())
+
+    threads = [threading.Thread(target=run, args=(b,)) for b in billers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(t.billed for t in tallies) == 3000
+    assert_billed_exactly_once(db, ended=3000)
+
+
+def poison(db, appointment_id):
+    """A constraint that makes exactly this charge impossible to write."""
+    db.execute(f"ALTER TABLE billing_entries ADD CONSTRAINT poison CHECK (appointment_id <> '{appointment_id}')")
+
+
+def test_a_poison_row_does_not_block_the_others_and_ends_failed(make_appointment, biller, db, config):
+    good = [make_appointment(end="2020-12-01 14:00:00") for _ in range(3)]
+    bad = make_appointment(end="2020-12-01 14:00:00")
+    poison(db, bad["id"])
+
+    tally = biller.drain()
+    assert (tally.billed, tally.retried, tally.failed) == (3, 1, 0)
+    row = db.execute("SELECT * FROM billing_queue WHERE appointment_id = %s", [bad["id"]]).fetchone()
+    assert row["status"] == "pending" and row["attempts"] == 1 and "poison" in row["last_error"]
+    assert db.execute("SELECT available_at > now() AS later FROM billing_queue WHERE appointment_id = %s", [bad["id"]]).fetchone()["later"]
+
+    for attempt in range(2, config.max_attempts + 1):
+        db.execute("UPDATE billing_queue SET available_at = now() WHERE status = 'pending'")  # let the backoff pass
+        biller.drain()
+    row = db.execute("SELECT * FROM billing_queue WHERE appointment_id = %s", [bad["id"]]).fetchone()
+    assert row["status"] == "failed" and row["attempts"] == config.max_attempts
+    assert {str(r["appointment_id"]) for r in db.execute("SELECT appointment_id FROM billing_entries")} == {g["id"] for g in good}
+
+    assert biller.requeue() == 1
+    db.execute("ALTER TABLE billing_entries DROP CONSTRAINT poison")
+    assert biller.drain().billed == 1
+    assert_billed_exactly_once(db, ended=4)
+
+
+def test_backoff_doubles_and_is_capped(make_appointment, biller, db):
+    bad = make_appointment(end="2020-12-01 14:00:00")
+    poison(db, bad["id"])
+    delays = []
+    for _ in range(2):
+        biller.drain()
+        row = db.execute("SELECT extract(epoch FROM available_at - now()) AS delay FROM billing_queue").fetchone()
+        delays.append(float(row["delay"]))
+        db.execute("UPDATE billing_queue SET available_at = now()")
+    assert 1 < delays[0] <= 2 and 3 < delays[1] <= 4
+
+
+# --- the billing HTTP API -----------------------------------------------------------------------
+
+
+def test_billing_entry_is_404_until_billed_then_200(make_appointment, billing_api, biller):
+    appointment = make_appointment(start="2020-12-01 13:00:00", end="2020-12-01 14:01:00")
+    path = f"/billing-entries/{appointment['id']}"
+    missing = billing_api.simulate_get(path)
+    assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
+    assert appointment["id"] in missing.json["detail"]
+    biller.drain()
+    found = billing_api.simulate_get(path)
+    assert found.status_code == 200
+    assert found.json["appointment_id"] == appointment["id"] and found.json["total_price"] == 203.33
+    assert '"total_price": 203.33' in found.text and len(found.json["created_at"]) == 19
+
+
+def test_billing_entries_lists_newest_first_with_a_limit(make_appointment, billing_api, biller, db):
+    ids = []
+    for _ in range(3):
+        ids.append(make_appointment(end="2020-12-01 14:00:00")["id"])
+        biller.drain()
+    listed = billing_api.simulate_get("/billing-entries", params={"limit": 2})
+    assert [e["appointment_id"] for e in listed.json] == [ids[2], ids[1]]
+    assert len(billing_api.simulate_get("/billing-entries").json) == 3
+
+
+@pytest.mark.parametrize("limit", ["0", "1001", "ten"])
+def test_a_bad_limit_is_400_naming_it(billing_api, limit):
+    result = billing_api.simulate_get("/billing-entries", params={"limit": limit})
+    assert result.status_code == 400 and result.headers["content-type"] == "application/problem+json"
+    assert "limit" in result.json["detail"]
+
+
+def test_a_non_uuid_billing_entry_id_is_400(billing_api):
+    result = billing_api.simulate_get("/billing-entries/123")
+    assert result.status_code == 400 and "appointment_id" in result.json["detail"]
+
+
+def test_billing_health_ready_and_openapi(billing_api):
+    assert billing_api.simulate_get("/health").status_code == 200
+    assert billing_api.simulate_get("/ready").json == {"status": "ready"}
+    assert "/billing-entries" in billing_api.simulate_get("/openapi.json").json["paths"]
+
+
+def test_a_batch_of_rows_already_billed_elsewhere_is_not_billed_again(make_appointment, biller, db):
+    """Belt and braces: an entry that exists already is kept, not doubled, and the row is marked."""
+    appointment = make_appointment(end="2020-12-01 14:00:00")
+    db.execute("INSERT INTO billing_entries (appointment_id, total_price) VALUES (%s, 200.00)", [appointment["id"]])
+    assert biller.drain().billed == 1
+    assert ledger(db)["entries"] == 1 and ledger(db)["status_mismatch"] == 0

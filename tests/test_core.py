@@ -1,0 +1,211 @@
+"""The functional core without a database: pricing, timestamps, the end decision, configuration."""
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from appointments import billed_minutes, new_appointment, parse_timestamp, plan_end, price_for, start_conflicts
+from common import Config, ConfigError, Problem, SchemaValidator, format_timestamp, openapi_spec, parse_json
+
+RATE = Decimal("200.00")
+UTC = dt.timezone.utc
+SP = ZoneInfo("America/Sao_Paulo")
+
+
+@pytest.mark.parametrize(
+    "duration, price",
+    [
+        (dt.timedelta(minutes=60), "200.00"),
+        (dt.timedelta(minutes=120), "400.00"),
+        (dt.timedelta(minutes=90), "300.00"),
+        (dt.timedelta(minutes=30), "100.00"),
+        (dt.timedelta(minutes=61), "203.33"),
+        (dt.timedelta(seconds=45), "3.33"),
+        (dt.timedelta(0), "0.00"),
+        (dt.timedelta(minutes=1, seconds=1), "6.67"),  # 2 started minutes: 6.666.. rounds half-up
+    ],
+)
+def test_price_follows_the_rate_per_started_minute(duration, price):
+    assert price_for(duration, RATE) == Decimal(price)
+    assert str(price_for(duration, RATE)) == price
+
+
+def test_price_rounds_half_up_to_cents():
+    """0.30/h for 1 minute is 0.005, which rounds up to 0.01 (banker's rounding would give 0.00)."""
+    assert price_for(dt.timedelta(minutes=1), Decimal("0.30")) == Decimal("0.01")
+
+
+def test_billed_minutes_counts_every_started_minute():
+    assert [billed_minutes(dt.timedelta(seconds=s)) for s in (0, 1, 59, 60, 61, 3600)] == [0, 1, 1, 1, 2, 60]
+
+
+def test_negative_duration_is_refused():
+    with pytest.raises(ValueError):
+        billed_minutes(dt.timedelta(seconds=-1))
+
+
+durations = st.integers(min_value=0, max_value=10 * 365 * 86400).map(lambda s: dt.timedelta(seconds=s))
+rates = st.decimals(min_value=0, max_value=100000, places=2)
+
+
+@given(durations, rates)
+def test_price_is_never_negative(duration, rate):
+    assert price_for(duration, rate) >= 0
+
+
+@given(durations, durations, rates)
+def test_price_is_monotonic_in_duration(a, b, rate):
+    shorter, longer = sorted((a, b))
+    assert price_for(shorter, rate) <= price_for(longer, rate)
+
+
+@given(st.integers(min_value=0, max_value=24 * 365), rates)
+def test_price_is_exact_on_whole_hours(hours, rate):
+    assert price_for(dt.timedelta(hours=hours), rate) == rate * hours
+
+
+@given(durations, rates)
+def test_price_has_exactly_two_decimals(duration, rate):
+    assert price_for(duration, rate).as_tuple().exponent == -2
+
+
+def test_challenge_format_is_read_in_the_configured_zone():
+    parsed = parse_timestamp("2020-12-01 13:00:00", SP, "start_date")
+    assert parsed == dt.datetime(2020, 12, 1, 16, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("text", ["2020-12-01T13:00:00-03:00", "2020-12-01T16:00:00Z", "2020-12-01T16:00:00+00:00"])
+def test_iso_8601_with_offset_is_accepted(text):
+    assert parse_timestamp(text, UTC, "start_date") == dt.datetime(2020, 12, 1, 16, 0, tzinfo=UTC)
+
+
+def test_fractions_of_a_second_are_dropped():
+    assert parse_timestamp("2020-12-01T16:00:00.999Z", UTC, "end_date") == dt.datetime(2020, 12, 1, 16, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["2020-12-01", "2020-12-01T13:00:00", "2020-13-01 13:00:00", "2020-12-01 25:00:00", "yesterday", "", "1800-01-01 00:00:00", "2020-12-01 13:00"],
+)
+def test_malformed_timestamps_are_a_400_naming_the_field(text):
+    with pytest.raises(Problem) as info:
+        parse_timestamp(text, UTC, "start_date")
+    assert info.value.status == 400
+    assert info.value.detail.startswith("start_date:")
+
+
+def test_timestamps_are_shown_in_the_configured_zone_to_the_second():
+    value = dt.datetime(2020, 12, 1, 16, 0, 5, tzinfo=UTC)
+    assert format_timestamp(value, SP) == "2020-12-01 13:00:05"
+    assert format_timestamp(None, SP) is None
+
+
+def _open(start="2020-12-01T13:00:00Z"):
+    return {"id": uuid.uuid4(), "start_date": dt.datetime.fromisoformat(start), "end_date": None, "hourly_rate": RATE}
+
+
+def test_ending_an_open_appointment_prices_it():
+    row = _open()
+    assert plan_end(row, row["start_date"] + dt.timedelta(hours=2), now=None) == (row["start_date"] + dt.timedelta(hours=2), Decimal("400.00"))
+
+
+def test_ending_without_end_date_uses_now():
+    row = _open()
+    now = row["start_date"] + dt.timedelta(minutes=30)
+    assert plan_end(row, None, now) == (now, Decimal("100.00"))
+
+
+def test_ending_before_the_start_is_422():
+    row = _open()
+    with pytest.raises(Problem) as info:
+        plan_end(row, row["start_date"] - dt.timedelta(seconds=1), now=None)
+    assert info.value.status == 422 and "end_date" in info.value.detail
+
+
+def test_a_price_over_numeric_12_2_is_422():
+    row = _open("1900-01-01T00:00:00Z")
+    with pytest.raises(Problem) as info:
+        plan_end(row, dt.datetime(9998, 1, 1, tzinfo=UTC), now=None)
+    assert info.value.status == 422
+
+
+def test_repeating_an_end_is_a_no_op_and_another_end_date_is_409():
+    row = {**_open(), "end_date": dt.datetime(2020, 12, 1, 14, tzinfo=UTC)}
+    assert plan_end(row, None, now=None) is None
+    assert plan_end(row, dt.datetime(2020, 12, 1, 11, tzinfo=SP), now=None) is None  # same instant
+    with pytest.raises(Problem) as info:
+        plan_end(row, dt.datetime(2020, 12, 1, 15, tzinfo=UTC), now=None)
+    assert info.value.status == 409
+
+
+def test_a_repeated_start_matches_when_start_date_is_omitted():
+    stored = {"physician_id": uuid.uuid4(), "patient_id": uuid.uuid4(), "start_date": dt.datetime(2020, 1, 1, tzinfo=UTC)}
+    assert start_conflicts(stored, {**stored, "start_date": None}) == []
+    assert start_conflicts(stored, {**stored, "patient_id": uuid.uuid4()}) == ["patient_id"]
+    assert start_conflicts(stored, {**stored, "start_date": dt.datetime(2020, 1, 2, tzinfo=UTC)}) == ["start_date"]
+
+
+def test_new_appointment_generates_an_id_when_the_client_gives_none():
+    body = {"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4())}
+    first, second = (new_appointment(body, UTC, RATE) for _ in range(2))
+    assert first["id"] != second["id"] and first["start_date"] is None and first["hourly_rate"] == RATE
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"patient_id": str(uuid.uuid4())}, "physician_id"),
+        ({"physician_id": "nope", "patient_id": str(uuid.uuid4())}, "physician_id"),
+        ({"physician_id": str(uuid.uuid4()), "patient_id": 5}, "patient_id"),
+        ({"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4()), "colour": "red"}, "colour"),
+        ({"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4()), "start_date": 1}, "start_date"),
+        ([], "body"),
+    ],
+)
+def test_schema_errors_name_the_field(body, field):
+    validate = SchemaValidator(openapi_spec(), "AppointmentStart")
+    with pytest.raises(Problem) as info:
+        validate(body)
+    assert info.value.status == 400
+    assert info.value.detail.startswith(f"{field}:"), info.value.detail
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"{", b"[" * 5000, b'{"a": NaN}', b'{"a": 1, "a": 2}', b"\xff\xfe{}", b'{"n": ' + b"9" * 5000 + b"}", b"Infinity"],
+)
+def test_hostile_json_is_a_400_not_an_exception(raw):
+    with pytest.raises(Problem) as info:
+        parse_json(raw)
+    assert info.value.status == 400 and info.value.detail.startswith("body:")
+
+
+def test_config_defaults_match_the_documentation():
+    config = Config.from_env({})
+    assert (config.appointments_port, config.billing_port, config.poll_seconds) == (8080, 8081, 10.0)
+    assert (config.hourly_rate, str(config.timezone), config.batch_size, config.max_attempts) == (Decimal("200.00"), "UTC", 500, 10)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("APPOINTMENTS_PORT", "http"),
+        ("BILLING_PORT", "70000"),
+        ("HOURLY_RATE", "abc"),
+        ("HOURLY_RATE", "-1"),
+        ("HOURLY_RATE", "1.005"),
+        ("APP_TIMEZONE", "Mars/Olympus"),
+        ("BILLING_POLL_SECONDS", "0"),
+        ("BILLING_BATCH_SIZE", "0"),
+        ("BILLING_MAX_ATTEMPTS", "x"),
+        ("LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_a_bad_setting_is_refused_naming_the_variable(name, value):
+    with pytest.raises(ConfigError, match=name):
+        Config.from_env({name: value})
