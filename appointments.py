@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import re
-import signal
 import uuid
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -29,6 +28,7 @@ from common import (
     make_pool,
     make_server,
     money,
+    on_stop_signals,
     openapi_spec,
     read_json_object,
     send,
@@ -273,10 +273,10 @@ def main() -> None:
     pool.open(wait=False)  # serve /health and 503s while the database is still coming up
     server = make_server(create_app(config, pool), config.appointments_port)
 
-    def stop(*_):
+    def stop():
         raise KeyboardInterrupt  # waitress finishes the requests in flight, then run() returns
 
-    signal.signal(signal.SIGTERM, stop)
+    on_stop_signals(stop)
     try:
         server.run()
     finally:

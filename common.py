@@ -351,10 +351,24 @@ def make_server(app, port: int, host: str = "0.0.0.0", threads: int = 8):
     )
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def on_stop_signals(callback) -> None:
-    """SIGTERM (docker stop) and SIGINT (Ctrl-C) both ask for a clean stop."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: callback())
+    """SIGTERM (docker stop) and SIGINT (Ctrl-C) both ask for a clean stop, once."""
+
+    received = []
+
+    def handler(signum, frame):
+        # Ctrl-C under `make run` delivers SIGINT and then SIGTERM: the second must not break the
+        # shutdown the first began.
+        received.append(signum)
+        if len(received) == 1:
+            log.info("%s received, stopping", signal.Signals(signum).name)
+            callback()
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
 
 
 def serve_in_thread(server) -> threading.Thread:

@@ -1,0 +1,271 @@
+"""The real services: waitress processes and worker processes, killed and restarted mid-work."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from support import ROOT, SERVICE_VARS, assert_billed_exactly_once, ledger, make_backlog, wait_until
+
+JSON = {"Content-Type": "application/json"}
+
+
+def start_appointment(base, **fields):
+    body = {"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4()), "start_date": "2020-12-01 13:00:00", **fields}
+    result = requests.post(f"{base}/appointments", json=body, timeout=10)
+    assert result.status_code == 201, result.text
+    return result.json()
+
+
+def end_appointment(base, appointment_id, end_date="2020-12-01 14:00:00"):
+    result = requests.post(f"{base}/appointments/{appointment_id}/end", json={"end_date": end_date}, timeout=10)
+    assert result.status_code == 200, result.text
+    return result.json()
+
+
+def billing_entry(worker, appointment_id):
+    result = requests.get(f"{worker.base_url}/billing-entries/{appointment_id}", timeout=5)
+    return result.json() if result.status_code == 200 else None
+
+
+def service_env(db_url, **env):
+    """This process's environment without our settings, plus the database and env."""
+    base = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
+    return {**base, "DATABASE_URL": db_url, **{k: str(v) for k, v in env.items()}}
+
+
+def run_once(db_url, *args, **env):
+    """python billing_worker.py --once (or another command) to completion."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "billing_worker.py"), *args], env=service_env(db_url, **env), capture_output=True, text=True, timeout=120
+    )
+
+
+# --- the HTTP contract against real waitress servers -------------------------------------------
+
+
+def test_every_endpoint_and_error_code_over_real_waitress(services, db_url):
+    api = services("appointments.py", db_url).wait_healthy()
+    worker = services("billing_worker.py", db_url).wait_healthy()
+    base = api.base_url
+
+    appointment = start_appointment(base)
+    assert requests.get(f"{base}/appointments/{appointment['id']}").json() == appointment
+    ended = end_appointment(base, appointment["id"], "2020-12-01 14:30:00")
+    assert ended["price"] == 300.0 and '"price": 300.00' in requests.get(f"{base}/appointments/{appointment['id']}").text
+
+    def problem(response, status):
+        assert response.status_code == status, response.text
+        assert response.headers["Content-Type"] == "application/problem+json"
+        assert response.json()["status"] == status
+        return response.json()["detail"]
+
+    assert "physician_id" in problem(requests.post(f"{base}/appointments", json={"patient_id": str(uuid.uuid4())}), 400)
+    assert "body" in problem(requests.post(f"{base}/appointments", data=b"{", headers=JSON), 400)
+    assert "id" in problem(requests.get(f"{base}/appointments/nope"), 400)
+    assert problem(requests.get(f"{base}/appointments/{uuid.uuid4()}"), 404)
+    assert "end_date" in problem(requests.post(f"{base}/appointments/{appointment['id']}/end", json={"end_date": "2020-12-01 15:00:00"}), 409)
+    assert "Content-Type" in problem(requests.post(f"{base}/appointments", data=b"a=1", headers={"Content-Type": "text/plain"}), 415)
+    other = start_appointment(base)
+    assert "end_date" in problem(requests.post(f"{base}/appointments/{other['id']}/end", json={"end_date": "2020-12-01 12:00:00"}), 422)
+    assert "body" in problem(requests.post(f"{base}/appointments", data=b"[" * 5000, headers=JSON), 400)
+    assert problem(requests.delete(f"{base}/appointments"), 405)
+    for path in ("/health", "/ready", "/openapi.json"):
+        assert requests.get(base + path).status_code == 200
+        assert requests.get(worker.base_url + path).status_code == 200
+
+    entry = wait_until(lambda: billing_entry(worker, appointment["id"]), 10, what="billing entry")
+    assert entry["total_price"] == 300.0
+    assert "limit" in problem(requests.get(f"{worker.base_url}/billing-entries?limit=0"), 400)
+    assert problem(requests.get(f"{worker.base_url}/billing-entries/{uuid.uuid4()}"), 404)
+
+
+def test_a_10_mb_body_is_refused_with_413_before_it_is_read(services, db_url):
+    api = services("appointments.py", db_url).wait_healthy()
+    big = b'{"physician_id": "' + b"x" * (10 * 1024 * 1024) + b'"}'
+    result = requests.post(f"{api.base_url}/appointments", data=big, headers=JSON, timeout=30)
+    assert result.status_code == 413
+    assert result.headers["Content-Type"] == "application/problem+json" and "body" in result.json()["detail"]
+    # Exactly 64 KiB is still read and judged on its content.
+    at_limit = b'{"x": "' + b"y" * (64 * 1024 - 9) + b'"}'
+    assert len(at_limit) == 64 * 1024
+    assert requests.post(f"{api.base_url}/appointments", data=at_limit, headers=JSON).status_code == 400
+
+
+def test_twenty_concurrent_identical_end_requests_make_one_charge(services, db_url, db):
+    api = services("appointments.py", db_url).wait_healthy()
+    appointment = start_appointment(api.base_url)
+    url = f"{api.base_url}/appointments/{appointment['id']}/end"
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda _: requests.post(url, json={"end_date": "2020-12-01 14:00:00"}, timeout=30), range(20)))
+    assert [r.status_code for r in results] == [200] * 20
+    assert len({r.text for r in results}) == 1
+    assert run_once(db_url, "--once").returncode == 0
+    assert_billed_exactly_once(db, ended=1)
+
+
+def test_sigterm_stops_the_api_cleanly(services, db_url):
+    api = services("appointments.py", db_url).wait_healthy()
+    api.signal(signal.SIGTERM)
+    assert api.wait(timeout=10) == 0
+
+
+def test_a_bad_setting_stops_a_service_at_start_naming_the_variable(services, db_url):
+    api = services("appointments.py", db_url, HOURLY_RATE="lots")
+    worker = services("billing_worker.py", db_url, BILLING_BATCH_SIZE="-3")
+    assert api.wait(timeout=10) != 0 and "HOURLY_RATE" in api.output()
+    assert worker.wait(timeout=10) != 0 and "BILLING_BATCH_SIZE" in worker.output()
+
+
+# --- the worker ---------------------------------------------------------------------------------
+
+
+def test_notify_bills_an_ended_appointment_without_waiting_for_the_poll(services, db_url):
+    api = services("appointments.py", db_url).wait_healthy()
+    worker = services("billing_worker.py", db_url, BILLING_POLL_SECONDS=3600).wait_healthy()
+    time.sleep(0.5)  # let the worker's first drain and LISTEN happen; the poll would take an hour
+    appointment = start_appointment(api.base_url)
+    end_appointment(api.base_url, appointment["id"])
+    assert wait_until(lambda: billing_entry(worker, appointment["id"]), 10, what="NOTIFY-driven billing")
+
+
+def test_the_poll_bills_charges_that_came_without_a_notify(services, db_url, db):
+    worker = services("billing_worker.py", db_url, BILLING_POLL_SECONDS=0.5).wait_healthy()
+    make_backlog(db, 5)  # plain INSERTs: no NOTIFY is sent
+    wait_until(lambda: ledger(db)["entries"] == 5, 10, what="polled billing")
+    assert_billed_exactly_once(db, ended=5)
+    assert worker.popen.poll() is None
+
+
+def test_a_lost_listen_connection_is_listened_again(services, db_url, db):
+    api = services("appointments.py", db_url).wait_healthy()
+    worker = services("billing_worker.py", db_url, BILLING_POLL_SECONDS=3600).wait_healthy()
+    listeners = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'billing-worker-listen'"
+    old = wait_until(lambda: db.execute(listeners).fetchone(), 10, what="the LISTEN connection")["pid"]
+    db.execute("SELECT pg_terminate_backend(%s)", [old])
+    wait_until(lambda: (row := db.execute(listeners).fetchone()) and row["pid"] != old, 10, what="a new LISTEN connection")
+    appointment = start_appointment(api.base_url)
+    end_appointment(api.base_url, appointment["id"])
+    assert wait_until(lambda: billing_entry(worker, appointment["id"]), 10, what="billing after re-LISTEN")
+
+
+def test_billing_down_then_up_bills_every_appointment_exactly_once(services, db_url, db):
+    """The challenge's scenario: the billing side is down while appointments end."""
+    api = services("appointments.py", db_url).wait_healthy()
+    with ThreadPoolExecutor(8) as pool:
+        started = list(pool.map(lambda _: start_appointment(api.base_url), range(200)))
+        list(pool.map(lambda a: end_appointment(api.base_url, a["id"], "2020-12-01 14:30:00"), started))
+    assert ledger(db)["entries"] == 0 and ledger(db)["pending"] == 200
+    services("billing_worker.py", db_url).wait_healthy()
+    wait_until(lambda: ledger(db)["pending"] == 0, 30, what="the backlog to drain")
+    assert_billed_exactly_once(db, ended=200)
+    prices = db.execute("SELECT DISTINCT total_price FROM billing_entries").fetchall()
+    assert [str(p["total_price"]) for p in prices] == ["300.00"]
+
+
+@pytest.mark.slow
+def test_three_workers_on_a_backlog_of_5000_bill_each_exactly_once(db_url, db):
+    """Claimed counts add up to the backlog: SKIP LOCKED never hands a row to two workers."""
+    make_backlog(db, 5000)
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "billing_worker.py"), "--once"],
+            env=service_env(db_url, BILLING_BATCH_SIZE=100),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    tallies = [json.loads(p.communicate(timeout=120)[0]) for p in workers]
+    assert [p.returncode for p in workers] == [0, 0, 0]
+    assert sum(t["billed"] for t in tallies) == 5000
+    assert_billed_exactly_once(db, ended=5000)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(services, db_url, db):
+    make_backlog(db, 20000)
+    worker = services("billing_worker.py", db_url, BILLING_BATCH_SIZE=200)
+    wait_until(lambda: 0 < ledger(db)["entries"] < 20000 and ledger(db)["entries"], 30, interval=0.01, what="billing under way")
+    worker.kill()  # SIGKILL: no chance to finish anything
+    after_kill = ledger(db)
+    assert 0 < after_kill["entries"] < 20000, "the kill should land mid-backlog"
+    assert after_kill["status_mismatch"] == 0 and after_kill["not_billed_once"] == after_kill["pending"]
+    services("billing_worker.py", db_url, BILLING_BATCH_SIZE=200).wait_healthy()
+    wait_until(lambda: ledger(db)["pending"] == 0, 60, what="the restarted worker to drain")
+    assert_billed_exactly_once(db, ended=20000)
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_batch_and_exits_0_quickly(services, db_url, db):
+    make_backlog(db, 20000)
+    worker = services("billing_worker.py", db_url, BILLING_BATCH_SIZE=200)
+    wait_until(lambda: 0 < ledger(db)["entries"] < 20000, 30, interval=0.01, what="billing under way")
+    sent = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=10) == 0
+    assert time.monotonic() - sent < 2.5
+    stopped = ledger(db)
+    assert stopped["status_mismatch"] == 0 and stopped["entries"] + stopped["pending"] == 20000
+    assert stopped["pending"] > 0, "it should stop before the backlog is done"
+    assert run_once(db_url, "--once").returncode == 0
+    assert_billed_exactly_once(db, ended=20000)
+
+
+def test_once_and_requeue_commands(db_url, db):
+    make_backlog(db, 3)
+    db.execute("UPDATE billing_queue SET status = 'failed', attempts = 10 WHERE appointment_id = (SELECT min(appointment_id::text)::uuid FROM billing_queue)")
+    once = run_once(db_url, "--once")
+    assert once.returncode == 0 and json.loads(once.stdout) == {"billed": 2, "retried": 0, "failed": 0}
+    requeue = run_once(db_url, "requeue")
+    assert requeue.returncode == 0 and json.loads(requeue.stdout) == {"requeued": 1}
+    assert json.loads(run_once(db_url, "--once").stdout)["billed"] == 1
+    assert_billed_exactly_once(db, ended=3)
+
+
+def test_once_without_a_database_exits_non_zero_saying_so(tmp_path):
+    done = run_once("postgresql://postgres@127.0.0.1:1/none", "--once")
+    assert done.returncode != 0 and "database unavailable" in done.stderr
+
+
+def test_make_run_applies_the_schema_serves_both_and_ctrl_c_stops_both(admin_url, tmp_path):
+    from support import create_database, drop_database, free_port
+
+    name = f"clinic_test_makerun_{uuid.uuid4().hex[:8]}"
+    url = create_database(admin_url, name)  # empty: make run must apply the schema itself
+    ports = {"APPOINTMENTS_PORT": free_port(), "BILLING_PORT": free_port()}
+    env = service_env(url, **ports)
+    with open(tmp_path / "make.log", "wb") as log:
+        make = subprocess.Popen(
+            ["make", "--no-print-directory", "run", f"VENV={sys.prefix}"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    try:
+        for port in ports.values():
+            wait_until(lambda: _ready(port), 60, interval=0.2, what=f"/ready on {port}")
+        os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C does to the foreground group
+        make.wait(timeout=15)
+        session = lambda: subprocess.run(["pgrep", "-s", str(make.pid)], capture_output=True, text=True).stdout  # noqa: E731
+        wait_until(lambda: session() == "", 10, what="both services to stop after Ctrl-C")
+        assert "stopping" in (tmp_path / "make.log").read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(make.pid, signal.SIGKILL)
+        drop_database(admin_url, name)
+
+
+def _ready(port):
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
