@@ -122,6 +122,13 @@ LIMIT %(limit)s
 """
 
 
+def is_row_error(conn: psycopg.Connection, exc: psycopg.Error) -> bool:
+    """Whether the data is at fault (a constraint, a bad value) rather than the connection or the
+    server: only then does retrying row by row, and counting an attempt, make sense. A session
+    ended by idle_in_transaction_session_timeout raises an InternalError on a closed connection."""
+    return not isinstance(exc, psycopg.OperationalError) and not conn.closed
+
+
 @dataclasses.dataclass
 class Tally:
     billed: int = 0
@@ -148,9 +155,9 @@ class Biller:
             with conn.transaction():
                 billed = conn.execute(CLAIM_AND_BILL, {"batch_size": self._batch_size}).rowcount
             return billed, Tally(billed=billed)
-        except psycopg.OperationalError:
-            raise  # connection or server trouble: nothing was billed, the rows stay pending
         except psycopg.Error as exc:
+            if not is_row_error(conn, exc):
+                raise  # connection or server trouble: nothing was billed, the rows stay pending
             log.warning("batch failed (%s); billing its rows one by one", exc.__class__.__name__)
             return self._row_by_row(conn)
 
@@ -163,9 +170,9 @@ class Biller:
                     with conn.transaction():  # a savepoint
                         conn.execute(BILL_ONE, row)
                     tally.billed += 1
-                except psycopg.OperationalError:
-                    raise
                 except psycopg.Error as exc:
+                    if not is_row_error(conn, exc):
+                        raise
                     self._record_failure(conn, row["appointment_id"], exc, tally)
         return len(rows), tally
 
@@ -264,14 +271,11 @@ def work(biller: Biller, listener: Listener, poll_seconds: float, stop: threadin
     while not stop.is_set():
         try:
             biller.drain(stop)
-        except psycopg.OperationalError as exc:
-            log.warning("database unavailable, will retry: %s", exc)
+        except psycopg.Error as exc:
+            # The database went away, our session was ended, or the schema is not applied yet:
+            # nothing was billed by the failed transaction; stay up and try again shortly.
+            log.warning("billing pass failed, will retry: %s: %s", exc.__class__.__name__, exc)
             stop.wait(1.0)
-            continue
-        except psycopg.Error:
-            # e.g. the schema is not applied yet: keep the process up and try again.
-            log.exception("billing pass failed, will retry")
-            stop.wait(poll_seconds)
             continue
         listener.wait(poll_seconds)
 

@@ -1,13 +1,14 @@
 """The billing worker's batches and its HTTP API, in process, against a real PostgreSQL."""
 
 import threading
-import uuid
 from decimal import Decimal
 
+import psycopg
 import pytest
 
 import billing_worker
-from support import assert_billed_exactly_once, ledger, make_backlog
+from common import make_pool
+from support import assert_billed_exactly_once, ledger, make_backlog, wait_until
 
 
 def test_drain_bills_each_ended_appointment_once_with_its_price(make_appointment, biller, db):
@@ -60,6 +61,26 @@ def test_two_billers_racing_on_one_backlog_never_claim_a_row_twice(config, pool,
         t.join()
     assert sum(t.billed for t in tallies) == 3000
     assert_billed_exactly_once(db, ended=3000)
+
+
+def test_a_frozen_worker_loses_its_rows_to_others_and_its_late_commit_fails(config, biller, db):
+    """idle_in_transaction_session_timeout ends a worker session stuck mid-transaction (SIGSTOP,
+    a paused VM): its locks go, another worker bills the rows, and the late COMMIT is refused."""
+    make_backlog(db, 10)
+    frozen = make_pool(config, "billing-worker", **billing_worker.WORKER_SESSION)
+    frozen.open(wait=True)
+    try:
+        with frozen.connection() as conn:
+            conn.execute("BEGIN")
+            assert len(conn.execute(billing_worker.CLAIM, {"batch_size": 10}).fetchall()) == 10
+            assert biller.drain().billed == 0  # all ten are locked by the frozen one
+            wait_until(lambda: biller.drain().billed == 10 or ledger(db)["entries"] == 10, 20, interval=0.2, what="the others to bill")
+            with pytest.raises(psycopg.Error):  # IdleInTransactionSessionTimeout, or a closed socket
+                conn.execute("COMMIT")
+            assert conn.closed
+    finally:
+        frozen.close()
+    assert_billed_exactly_once(db, ended=10)
 
 
 def poison(db, appointment_id):
