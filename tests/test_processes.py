@@ -269,3 +269,17 @@ def _ready(port):
         return requests.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200
     except requests.RequestException:
         return False
+
+
+def test_schema_sql_applied_again_to_a_live_database_keeps_every_row(db_url, db):
+    """The README's `psql "$DATABASE_URL" -f schema.sql` is safe to run on a live database."""
+    import shutil
+
+    make_backlog(db, 50)
+    assert run_once(db_url, "--once").returncode == 0
+    before = ledger(db)
+    psql = shutil.which("psql")
+    assert psql, "psql (the PostgreSQL client) is needed for this test"
+    done = subprocess.run([psql, db_url, "-v", "ON_ERROR_STOP=1", "-q", "-f", str(ROOT / "schema.sql")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert ledger(db) == before and before["entries"] == 50
