@@ -18,7 +18,7 @@ venv: $(VENV)/.installed
 
 # Idempotent: safe on a live database.
 schema: venv
-	$(PY) -c 'import os, psycopg; psycopg.connect(os.environ["DATABASE_URL"], autocommit=True).execute(open("schema.sql").read())'
+	$(PY) common.py apply-schema
 
 # Both services in the foreground; Ctrl-C (or SIGTERM to make) stops both cleanly.
 run: schema

@@ -267,18 +267,18 @@ def create_app(config: Config, pool: psycopg_pool.ConnectionPool) -> falcon.App:
 
 
 def main() -> None:
+    def stop():
+        raise KeyboardInterrupt  # inside server.run(): waitress finishes the requests in flight
+
+    on_stop_signals(stop)  # first, so that even a SIGTERM during start-up exits cleanly
     config = load_config_or_exit()
     setup_logging(config)
     pool = make_pool(config, "appointments")
-    pool.open(wait=False)  # serve /health and 503s while the database is still coming up
-    server = make_server(create_app(config, pool), config.appointments_port)
-
-    def stop():
-        raise KeyboardInterrupt  # waitress finishes the requests in flight, then run() returns
-
-    on_stop_signals(stop)
     try:
-        server.run()
+        pool.open(wait=False)  # serve /health and 503s while the database is still coming up
+        make_server(create_app(config, pool), config.appointments_port).run()
+    except KeyboardInterrupt:
+        pass
     finally:
         pool.close()
 

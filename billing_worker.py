@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", nargs="?", choices=["work", "requeue"], default="work")
     parser.add_argument("--once", action="store_true", help="bill everything due, print a summary and exit")
     args = parser.parse_args(argv)
+    stop = threading.Event()
+    on_stop_signals(stop.set)  # first, so that even a SIGTERM during start-up exits cleanly
     config = load_config_or_exit()
     setup_logging(config)
     pool = make_pool(config, "billing-worker", max_size=4, **WORKER_SESSION)
@@ -343,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "requeue" or args.once:
         try:
             pool.open(wait=True, timeout=10)
-            result = {"requeued": biller.requeue()} if args.command == "requeue" else dataclasses.asdict(biller.drain())
+            result = {"requeued": biller.requeue()} if args.command == "requeue" else dataclasses.asdict(biller.drain(stop))
         except psycopg.OperationalError as exc:
             print(f"database unavailable: {exc}", file=sys.stderr)
             return 1
@@ -352,8 +354,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
 
-    stop = threading.Event()
-    on_stop_signals(stop.set)
     pool.open(wait=False)
     server = make_server(create_app(config, pool), config.billing_port, threads=4)
     serve_in_thread(server)

@@ -377,9 +377,24 @@ def serve_in_thread(server) -> threading.Thread:
     return thread
 
 
+def apply_schema(database_url: str) -> None:
+    """schema.sql as one simple-protocol query: one implicit transaction, all or nothing, and
+    idempotent, so it is safe against a live database."""
+    with psycopg.connect(database_url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute((HERE / "schema.sql").read_text(encoding="utf-8"))
+
+
 def setup_logging(config: Config) -> None:
     logging.basicConfig(
         level=config.log_level,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+
+
+if __name__ == "__main__":
+    # python common.py apply-schema: what `make schema` and the compose `migrate` service run.
+    if sys.argv[1:] != ["apply-schema"]:
+        sys.exit("usage: python common.py apply-schema   (applies schema.sql to DATABASE_URL)")
+    apply_schema(load_config_or_exit().database_url)
+    print("schema.sql applied")

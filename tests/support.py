@@ -19,8 +19,10 @@ import psycopg
 import psycopg.rows
 import requests
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import apply_schema  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA = (ROOT / "schema.sql").read_text()
 SERVICE_VARS = (
     "DATABASE_URL APPOINTMENTS_PORT BILLING_PORT HOURLY_RATE APP_TIMEZONE BILLING_POLL_SECONDS "
     "BILLING_BATCH_SIZE BILLING_MAX_ATTEMPTS LOG_LEVEL"
@@ -105,11 +107,6 @@ def create_database(admin_url: str, name: str, template: str | None = None) -> s
 def drop_database(admin_url: str, name: str) -> None:
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def apply_schema(url: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(SCHEMA)
 
 
 def fresh_database(admin_url: str) -> str:
