@@ -152,11 +152,11 @@ def problem_body(status: int, detail: str | None) -> dict[str, Any]:
     return body
 
 
-def _render(resp: falcon.Response, status: int, detail: str | None, headers: Mapping[str, str] = {}) -> None:
+def _render(resp: falcon.Response, status: int, detail: str | None, headers: Mapping[str, str] | None = None) -> None:
     resp.status = status
     resp.content_type = "application/problem+json"
     resp.text = json.dumps(problem_body(status, detail))
-    for key, value in headers.items():
+    for key, value in (headers or {}).items():
         resp.set_header(key, value)
 
 
@@ -217,10 +217,10 @@ def read_body(req: falcon.Request) -> bytes:
     raw = req.bounded_stream.read(MAX_BODY_BYTES + 1)
     if len(raw) > MAX_BODY_BYTES:
         raise Problem(413, f"body: over the limit of {MAX_BODY_BYTES} bytes")
-    if raw.strip() and not req.content_type:
-        raise Problem(415, "Content-Type: send the body as application/json")
-    if raw.strip() and falcon.MEDIA_JSON not in req.content_type.split(";")[0].strip().lower():
-        raise Problem(415, f"Content-Type: {req.content_type!r} is not supported; send application/json")
+    if raw.strip():
+        mime = (req.content_type or "").split(";")[0].strip().lower()
+        if mime != falcon.MEDIA_JSON and not mime.endswith("+json"):
+            raise Problem(415, f"Content-Type: {req.content_type or 'none'!r} is not supported; send application/json")
     return raw
 
 
