@@ -48,17 +48,20 @@ CHANNEL = "billing_queue"
 WORKER_SESSION = {"idle_in_transaction_session_timeout": "5s", "statement_timeout": "60s"}
 MAX_BACKOFF_SECONDS = 3600
 
-# The fast path: claim, charge and mark a whole batch in one statement. Rows another worker holds
-# are skipped, not waited for; the index billing_queue_due serves the inner SELECT.
-CLAIM_AND_BILL = """
-WITH due AS (
-    SELECT appointment_id, total_price
-    FROM billing_queue
-    WHERE status = 'pending' AND available_at <= now()
-    ORDER BY available_at, appointment_id
-    LIMIT %(batch_size)s
-    FOR UPDATE SKIP LOCKED
-), charged AS (
+# Due rows, oldest first; rows another worker holds are skipped, not waited for. The index
+# billing_queue_due serves it.
+CLAIM = """
+SELECT appointment_id, total_price
+FROM billing_queue
+WHERE status = 'pending' AND available_at <= now()
+ORDER BY available_at, appointment_id
+LIMIT %(batch_size)s
+FOR UPDATE SKIP LOCKED
+"""
+
+# The fast path: claim, charge and mark a whole batch in one statement, one transaction.
+CLAIM_AND_BILL = f"""
+WITH due AS ({CLAIM}), charged AS (
     INSERT INTO billing_entries (appointment_id, total_price)
     SELECT appointment_id, total_price FROM due
     ON CONFLICT (appointment_id) DO NOTHING
@@ -70,17 +73,8 @@ WHERE q.appointment_id = due.appointment_id
 RETURNING q.appointment_id
 """
 
-# The slow path, after the fast one failed: the same claim, then each row on its own savepoint so
-# that one bad row cannot hold back the rest.
-CLAIM = """
-SELECT appointment_id, total_price
-FROM billing_queue
-WHERE status = 'pending' AND available_at <= now()
-ORDER BY available_at, appointment_id
-LIMIT %(batch_size)s
-FOR UPDATE SKIP LOCKED
-"""
-
+# The slow path, after the fast one failed: CLAIM, then each row on its own savepoint so that
+# one bad row cannot hold back the rest.
 BILL_ONE = """
 WITH charged AS (
     INSERT INTO billing_entries (appointment_id, total_price)

@@ -174,3 +174,21 @@ def test_a_batch_of_rows_already_billed_elsewhere_is_not_billed_again(make_appoi
     db.execute("INSERT INTO billing_entries (appointment_id, total_price) VALUES (%s, 200.00)", [appointment["id"]])
     assert biller.drain().billed == 1
     assert ledger(db)["entries"] == 1 and ledger(db)["status_mismatch"] == 0
+
+
+@pytest.mark.parametrize(
+    "query, params, index",
+    [
+        # A batch smaller than what is due: the index gives the order without a sort. (When the
+        # batch takes every pending row of a small table, a scan and sort is cheaper, rightly.)
+        (billing_worker.CLAIM, {"batch_size": 50}, "billing_queue_due"),
+        (billing_worker.LIST_ENTRIES, {"limit": 100}, "billing_entries_newest"),
+    ],
+)
+def test_the_hot_queries_use_the_indexes_schema_sql_made_for_them(biller, db, query, params, index):
+    make_backlog(db, 20000)
+    biller.drain()
+    make_backlog(db, 200)  # a few pending among many billed: the usual state of the queue
+    db.execute("VACUUM ANALYZE")  # what autovacuum keeps doing in production
+    plan = db.execute("EXPLAIN (FORMAT JSON) " + query, params).fetchone()
+    assert index in str(plan), plan
