@@ -10,10 +10,11 @@ import chaos
 pytestmark = pytest.mark.slow
 
 
-def test_under_kills_stops_restarts_and_crashes_no_charge_is_lost_doubled_or_wrong():
+def test_under_kills_stops_restarts_and_crashes_no_charge_is_lost_doubled_or_wrong(capsys):
     seconds = float(os.environ.get("CHAOS_SECONDS", "120"))
     result = chaos.run(duration=seconds)
-    print(json.dumps(result, indent=2, default=str))
+    with capsys.disabled():  # the figures belong in the CI log
+        print("\nchaos run:", json.dumps(result, indent=2, default=str))
     assert result["failures"] == [], json.dumps(result, default=str)
     assert result["ends_acknowledged"] > 0 and result["billing_entries"] == result["ends_acknowledged"]
     assert result["faults"]["worker_sigkill"] > 0 and result["faults"]["pg_terminate_backend"] > 0
@@ -21,10 +22,11 @@ def test_under_kills_stops_restarts_and_crashes_no_charge_is_lost_doubled_or_wro
     assert result["faults"]["api_sigterm_exit_0"] == 1 and result["faults"]["all_workers_down"] == 1
 
 
-def test_negative_control_the_checker_catches_a_worker_that_charges_outside_its_claim():
+def test_negative_control_the_checker_catches_a_worker_that_charges_outside_its_claim(capsys):
     """A worker that marks and charges in two transactions loses charges under SIGKILL; the
     checker must say so, or it proves nothing."""
     result = chaos.run(duration=float(os.environ.get("CHAOS_CONTROL_SECONDS", "30")), broken=True)
-    print(json.dumps({k: result[k] for k in ("lost", "duplicated", "faults", "failures")}, default=str))
+    with capsys.disabled():
+        print("\nnegative control:", json.dumps({k: result[k] for k in ("lost", "duplicated", "faults", "failures")}, default=str))
     assert result["lost"] + result["duplicated"] > 0
     assert not result["ok"]
