@@ -29,6 +29,7 @@ from common import (
     make_server,
     money,
     on_stop_signals,
+    parse_uuid,
     openapi_spec,
     read_json_object,
     send,
@@ -53,7 +54,8 @@ def price_for(duration: dt.timedelta, hourly_rate: decimal.Decimal) -> decimal.D
     return exact.quantize(CENTS, rounding=decimal.ROUND_HALF_UP)
 
 
-_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})?")
+# The same shape as the Timestamp pattern in openapi.yaml; [0-9], as \d would take any digit.
+_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[ T][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})?")
 FIRST_YEAR, LAST_YEAR = 1900, 9998
 
 
@@ -75,20 +77,13 @@ def parse_timestamp(value: str, tz: ZoneInfo, field: str) -> dt.datetime:
     return parsed.replace(microsecond=0)
 
 
-def parse_id(value: str, field: str = "id") -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise Problem(400, f"{field}: must be a UUID, got {value!r}") from None
-
-
 def new_appointment(body: dict[str, Any], tz: ZoneInfo, hourly_rate: decimal.Decimal) -> dict[str, Any]:
     """A validated start request (body already matched the AppointmentStart schema)."""
     start = body.get("start_date")
     return {
-        "id": parse_id(body["id"]) if "id" in body else uuid.uuid4(),
-        "physician_id": parse_id(body["physician_id"], "physician_id"),
-        "patient_id": parse_id(body["patient_id"], "patient_id"),
+        "id": parse_uuid(body["id"], "id") if "id" in body else uuid.uuid4(),
+        "physician_id": parse_uuid(body["physician_id"], "physician_id"),
+        "patient_id": parse_uuid(body["patient_id"], "patient_id"),
         "start_date": None if start is None else parse_timestamp(start, tz, "start_date"),
         "hourly_rate": hourly_rate,
     }
@@ -97,7 +92,19 @@ def new_appointment(body: dict[str, Any], tz: ZoneInfo, hourly_rate: decimal.Dec
 def start_conflicts(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
     """The fields of a repeated start that differ from the stored appointment."""
     fields = ["physician_id", "patient_id"] + (["start_date"] if requested["start_date"] is not None else [])
-    return [f for f in fields if stored[f] != requested[f]]
+    return [f for f in fields if not (same_instant(stored[f], requested[f]) if f == "start_date" else stored[f] == requested[f])]
+
+
+def utc(value: dt.datetime) -> dt.datetime:
+    # Arithmetic and comparisons in UTC only: between two datetimes of the same ZoneInfo, Python
+    # compares and subtracts wall-clock times, which is wrong across a daylight-saving change.
+    return value.astimezone(dt.timezone.utc)
+
+
+def same_instant(stored: dt.datetime, requested: dt.datetime) -> bool:
+    """Whether a requested time names the stored one. A local time in the hour that a
+    daylight-saving change shows twice may mean either instant (the API shows both the same way)."""
+    return any(utc(requested.replace(fold=fold)) == utc(stored) for fold in (0, 1))
 
 
 def plan_end(row: dict[str, Any], requested: dt.datetime | None, now: dt.datetime) -> tuple[dt.datetime, decimal.Decimal] | None:
@@ -106,13 +113,13 @@ def plan_end(row: dict[str, Any], requested: dt.datetime | None, now: dt.datetim
     Raises Problem 409 for a different end_date on an ended appointment, 422 for one before start.
     """
     if row["end_date"] is not None:
-        if requested is None or requested == row["end_date"]:
+        if requested is None or same_instant(row["end_date"], requested):
             return None
         raise Problem(409, f"end_date: appointment {row['id']} already ended at {row['end_date'].isoformat()}; a different end_date cannot be applied")
-    end = now if requested is None else requested
-    if end < row["start_date"]:
-        raise Problem(422, f"end_date: {end.isoformat()} is before start_date {row['start_date'].isoformat()}")
-    price = price_for(end - row["start_date"], row["hourly_rate"])
+    end, start = utc(now if requested is None else requested), utc(row["start_date"])
+    if end < start:
+        raise Problem(422, f"end_date: {end.isoformat()} is before start_date {start.isoformat()}")
+    price = price_for(end - start, row["hourly_rate"])
     if price > MAX_MONEY:
         raise Problem(422, f"end_date: the appointment would cost {price}, over the maximum of {MAX_MONEY}")
     return end, price
@@ -207,7 +214,9 @@ class AppointmentStore:
                 raise Problem(404, f"id: no appointment {appointment_id}")
             plan = plan_end(row, requested, row["now"])
             if plan is None:
-                return row
+                # Another end committed while we waited for the lock: our lock query re-read the
+                # appointment row but kept its old (empty) view of billing_queue; a new statement sees it.
+                return cur.execute(SELECT_APPOINTMENT, {"id": appointment_id}).fetchone()
             end_date, price = plan
             cur.execute(END_AND_QUEUE_CHARGE, {"id": appointment_id, "end_date": end_date, "price": price})
         return {**row, "end_date": end_date, "price": price, "billing_status": "pending"}
@@ -238,7 +247,7 @@ class Appointment:
         self._store, self._config = store, config
 
     def on_get(self, req, resp, appointment_id):
-        row = self._store.get(parse_id(appointment_id))
+        row = self._store.get(parse_uuid(appointment_id, "id"))
         send(resp, 200, representation(row, self._config.timezone))
 
 
@@ -250,7 +259,7 @@ class AppointmentEnd:
         self._validate = SchemaValidator(openapi_spec(), "AppointmentEnd")
 
     def on_post(self, req, resp, appointment_id):
-        appointment_id = parse_id(appointment_id)
+        appointment_id = parse_uuid(appointment_id, "id")
         body = read_json_object(req, self._validate, optional=True)
         end = body.get("end_date")
         requested = None if end is None else parse_timestamp(end, self._config.timezone, "end_date")

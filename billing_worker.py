@@ -15,10 +15,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 import threading
 import time
-import uuid
 
 import falcon
 import psycopg
@@ -35,6 +35,7 @@ from common import (
     make_server,
     money,
     on_stop_signals,
+    parse_uuid,
     send,
     serve_in_thread,
     setup_logging,
@@ -286,6 +287,15 @@ def entry_representation(row, config: Config) -> dict:
     }
 
 
+def parse_limit(raw: str | None) -> int:
+    # Plain ASCII digits only: int() would also take "1_0", " 5" and other scripts' digits.
+    if raw is None:
+        return 100
+    if not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= 1000:
+        raise Problem(400, f"limit: must be a whole number from 1 to 1000, got {raw!r}")
+    return int(raw)
+
+
 class BillingEntries:
     """/billing-entries"""
 
@@ -293,7 +303,7 @@ class BillingEntries:
         self._pool, self._config = pool, config
 
     def on_get(self, req, resp):
-        limit = req.get_param_as_int("limit", min_value=1, max_value=1000, default=100)
+        limit = parse_limit(req.get_param("limit"))
         with self._pool.connection() as conn:
             rows = conn.cursor(row_factory=dict_row).execute(LIST_ENTRIES, {"limit": limit}).fetchall()
         send(resp, 200, [entry_representation(row, self._config) for row in rows])
@@ -306,10 +316,7 @@ class BillingEntry:
         self._pool, self._config = pool, config
 
     def on_get(self, req, resp, appointment_id):
-        try:
-            key = uuid.UUID(appointment_id)
-        except ValueError:
-            raise Problem(400, f"appointment_id: must be a UUID, got {appointment_id!r}") from None
+        key = parse_uuid(appointment_id, "appointment_id")
         with self._pool.connection() as conn:
             row = conn.cursor(row_factory=dict_row).execute(SELECT_ENTRY, {"id": key}).fetchone()
         if row is None:

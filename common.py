@@ -14,9 +14,11 @@ import json
 import logging
 import os
 import pathlib
+import re
 import signal
 import sys
 import threading
+import uuid
 from typing import Any, Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -25,6 +27,7 @@ import jsonschema
 import psycopg
 import psycopg_pool
 import simplejson
+import waitress.channel
 import waitress.server
 import waitress.utilities
 import yaml
@@ -202,7 +205,8 @@ def _no_duplicate_keys(pairs):
 def parse_json(raw: bytes) -> Any:
     """Strict JSON: no NaN/Infinity, no duplicate keys; anything malformed is a 400."""
     try:
-        return json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+        # RFC 8259: JSON between systems is UTF-8; json.loads(bytes) would also guess UTF-16/32.
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
     except RecursionError:
         raise Problem(400, "body: JSON is nested too deeply") from None
     except ValueError as exc:  # includes UnicodeDecodeError and over-long integers
@@ -242,6 +246,9 @@ class SchemaValidator:
         if error.validator == "additionalProperties":
             extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
             raise Problem(400, f"{', '.join(extra)}: unknown field")
+        if error.validator == "pattern":
+            hint = error.schema.get("title", "the documented format")
+            raise Problem(400, f"{field}: expected {hint}, got {error.instance!r}")
         if error.validator == "format":
             raise Problem(400, f"{field}: must be a {error.validator_value.upper()}, got {error.instance!r}")
         if error.validator == "type" and not field:
@@ -262,6 +269,17 @@ def send(resp: falcon.Response, status: int, media: Any) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
     resp.text = _dumps(media)
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def parse_uuid(value: str, field: str) -> uuid.UUID:
+    """The canonical 8-4-4-4-12 spelling only, as `format: uuid` documents (uuid.UUID alone would
+    also take braces, urn:uuid: and hex without hyphens)."""
+    if not _UUID.fullmatch(value):
+        raise Problem(400, f"{field}: must be a UUID like 84ab6121-c4a8-4684-8cc2-b03024ec0f1d, got {value!r}")
+    return uuid.UUID(value)
 
 
 def format_timestamp(value: datetime.datetime | None, tz: ZoneInfo) -> str | None:
@@ -343,8 +361,21 @@ def _waitress_problem_response(self, ident=None):
     return f"{self.code} {self.reason}", [("Content-Type", "application/problem+json")], body.encode()
 
 
+_send_continue = waitress.channel.HTTPChannel.send_continue
+
+
+def _continue_unless_refused(self):
+    # waitress would invite the upload (100 Continue) of a body it already refused from its
+    # Content-Length, and then not answer until the body came: let the 413 go out now instead.
+    if self.request.error is not None:
+        self.request.expect_continue = False
+        return
+    _send_continue(self)
+
+
 def make_server(app, port: int, host: str = "0.0.0.0", threads: int = 8):
     waitress.utilities.Error.to_response = _waitress_problem_response
+    waitress.channel.HTTPChannel.send_continue = _continue_unless_refused
     # waitress compares with >=, so +1 lets a body of exactly MAX_BODY_BYTES through.
     return waitress.server.create_server(
         app, host=host, port=port, threads=threads, max_request_body_size=MAX_BODY_BYTES + 1, ident="clinic-billing"

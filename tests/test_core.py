@@ -209,3 +209,20 @@ def test_config_defaults_match_the_documentation():
 def test_a_bad_setting_is_refused_naming_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):
         Config.from_env({name: value})
+
+
+def test_a_duration_across_a_daylight_saving_change_is_real_time_not_wall_clock():
+    """Sao Paulo, 2019-02-16: at midnight clocks went back to 23:00. 22:30 to the second 23:30 is
+    two real hours, though both are in the same zone and the wall clock moved one."""
+    row = {**_open(), "start_date": dt.datetime(2019, 2, 16, 22, 30, tzinfo=SP)}
+    end = dt.datetime(2019, 2, 16, 23, 30, fold=1, tzinfo=SP)
+    assert plan_end(row, end, now=None)[1] == Decimal("400.00")
+
+
+def test_an_end_date_shown_in_the_repeated_hour_names_the_stored_end():
+    """Both readings of a local time in the repeated hour match what the API showed."""
+    stored = dt.datetime(2019, 2, 17, 2, 40, tzinfo=UTC)  # 23:40 -03:00, the second 23:40 there
+    row = {**_open("2019-02-16T20:00:00Z"), "end_date": stored}
+    shown = format_timestamp(stored, SP)
+    assert shown == "2019-02-16 23:40:00"
+    assert plan_end(row, parse_timestamp(shown, SP, "end_date"), now=None) is None
