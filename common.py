@@ -174,8 +174,9 @@ def _on_database_unavailable(req, resp, ex: psycopg.OperationalError, params) ->
 
 def _serialize_http_error(req, resp, ex: falcon.HTTPError) -> None:
     # Falcon's own errors (unknown route, wrong method, invalid query parameter) look like ours.
+    named = {404: f"path: nothing at {req.path}", 405: f"method: {req.method} is not allowed on {req.path}"}
     resp.content_type = "application/problem+json"
-    resp.text = json.dumps(problem_body(ex.status_code, ex.description or ex.title))
+    resp.text = json.dumps(problem_body(ex.status_code, ex.description or named.get(ex.status_code, ex.title)))
 
 
 def _on_unexpected(req, resp, ex: Exception, params) -> None:
