@@ -91,8 +91,10 @@ def new_appointment(body: dict[str, Any], tz: ZoneInfo, hourly_rate: decimal.Dec
 
 def start_conflicts(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
     """The fields of a repeated start that differ from the stored appointment."""
-    fields = ["physician_id", "patient_id"] + (["start_date"] if requested["start_date"] is not None else [])
-    return [f for f in fields if not (same_instant(stored[f], requested[f]) if f == "start_date" else stored[f] == requested[f])]
+    differs = [field for field in ("physician_id", "patient_id") if stored[field] != requested[field]]
+    if requested["start_date"] is not None and not same_instant(stored["start_date"], requested["start_date"]):
+        differs.append("start_date")
+    return differs
 
 
 def utc(value: dt.datetime) -> dt.datetime:
