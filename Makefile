@@ -26,7 +26,7 @@ run: schema
 	$(PY) billing_worker.py & worker=$$!; \
 	trap 'kill -TERM $$api $$worker 2>/dev/null' INT TERM; \
 	echo "appointments API on :$${APPOINTMENTS_PORT:-8080}, billing worker on :$${BILLING_PORT:-8081}; Ctrl-C stops both"; \
-	wait $$api; wait $$worker
+	while kill -0 $$api 2>/dev/null || kill -0 $$worker 2>/dev/null; do wait; done
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

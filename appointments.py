@@ -192,7 +192,7 @@ class AppointmentStore:
         with self._pool.connection() as conn:
             row = conn.cursor(row_factory=dict_row).execute(SELECT_APPOINTMENT, {"id": appointment_id}).fetchone()
         if row is None:
-            raise Problem(404, f"id: no appointment {appointment_id}")
+            raise Problem(404, f"appointment_id: no appointment {appointment_id}")
         return row
 
     def start(self, new: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
@@ -213,7 +213,7 @@ class AppointmentStore:
             cur = conn.cursor(row_factory=dict_row)
             row = cur.execute(LOCK_APPOINTMENT, {"id": appointment_id}).fetchone()
             if row is None:
-                raise Problem(404, f"id: no appointment {appointment_id}")
+                raise Problem(404, f"appointment_id: no appointment {appointment_id}")
             plan = plan_end(row, requested, row["now"])
             if plan is None:
                 # Another end committed while we waited for the lock: our lock query re-read the
@@ -249,7 +249,7 @@ class Appointment:
         self._store, self._config = store, config
 
     def on_get(self, req, resp, appointment_id):
-        row = self._store.get(parse_uuid(appointment_id, "id"))
+        row = self._store.get(parse_uuid(appointment_id, "appointment_id"))
         send(resp, 200, representation(row, self._config.timezone))
 
 
@@ -261,7 +261,7 @@ class AppointmentEnd:
         self._validate = SchemaValidator(openapi_spec(), "AppointmentEnd")
 
     def on_post(self, req, resp, appointment_id):
-        appointment_id = parse_uuid(appointment_id, "id")
+        appointment_id = parse_uuid(appointment_id, "appointment_id")
         body = read_json_object(req, self._validate, optional=True)
         end = body.get("end_date")
         requested = None if end is None else parse_timestamp(end, self._config.timezone, "end_date")
@@ -281,17 +281,18 @@ def main() -> None:
     def stop():
         raise KeyboardInterrupt  # inside server.run(): waitress finishes the requests in flight
 
-    on_stop_signals(stop)  # first, so that even a SIGTERM during start-up exits cleanly
-    config = load_config_or_exit()
-    setup_logging(config)
-    pool = make_pool(config, "appointments")
     try:
-        pool.open(wait=False)  # serve /health and 503s while the database is still coming up
-        make_server(create_app(config, pool), config.appointments_port).run()
+        on_stop_signals(stop)  # first, so that even a SIGTERM during start-up exits cleanly
+        config = load_config_or_exit()
+        setup_logging(config)
+        pool = make_pool(config, "appointments")
+        try:
+            pool.open(wait=False)  # serve /health and 503s while the database is still coming up
+            make_server(create_app(config, pool), config.appointments_port).run()
+        finally:
+            pool.close()
     except KeyboardInterrupt:
         pass
-    finally:
-        pool.close()
 
 
 if __name__ == "__main__":

@@ -117,11 +117,17 @@ LIMIT %(limit)s
 """
 
 
+# SQLSTATE classes that mean the data of a row is at fault: 22 data exception, 23 integrity
+# constraint violation, P0001 raised by a trigger. Anything else (connection lost, session ended by
+# idle_in_transaction_session_timeout, a missing table or privilege after a bad deploy, a read-only
+# server) is the system's fault: the whole pass is retried later and no row spends an attempt.
+ROW_FAULT_SQLSTATES = ("22", "23", "P0001")
+
+
 def is_row_error(conn: psycopg.Connection, exc: psycopg.Error) -> bool:
-    """Whether the data is at fault (a constraint, a bad value) rather than the connection or the
-    server: only then does retrying row by row, and counting an attempt, make sense. A session
-    ended by idle_in_transaction_session_timeout raises an InternalError on a closed connection."""
-    return not isinstance(exc, psycopg.OperationalError) and not conn.closed
+    """Whether retrying row by row, and counting an attempt against each row, makes sense."""
+    sqlstate = exc.sqlstate or ""
+    return not conn.closed and sqlstate.startswith(ROW_FAULT_SQLSTATES)
 
 
 @dataclasses.dataclass
@@ -137,7 +143,7 @@ class Tally:
 
 
 class Biller:
-    """Runs batches against the database; knows nothing of loops, signals or LISTEN."""
+    """Runs batches against the database; knows nothing of signals, LISTEN or HTTP."""
 
     def __init__(self, pool: psycopg_pool.ConnectionPool, batch_size: int, max_attempts: int):
         self._pool = pool
@@ -320,7 +326,7 @@ class BillingEntry:
         with self._pool.connection() as conn:
             row = conn.cursor(row_factory=dict_row).execute(SELECT_ENTRY, {"id": key}).fetchone()
         if row is None:
-            raise Problem(404, f"appointment_id: no billing entry for {key} (yet)")
+            raise Problem(404, f"appointment_id: no billing entry for {key} (not ended, or not billed yet)")
         send(resp, 200, entry_representation(row, self._config))
 
 
@@ -337,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--once", action="store_true", help="bill everything due, print a summary and exit")
     args = parser.parse_args(argv)
     stop = threading.Event()
-    on_stop_signals(stop.set)  # first, so that even a SIGTERM during start-up exits cleanly
+    # First, so that even a SIGTERM during start-up exits cleanly. Set from another thread: the
+    # handler runs in the main thread, which may hold the Event's lock inside stop.wait().
+    on_stop_signals(lambda: threading.Thread(target=stop.set).start())
     config = load_config_or_exit()
     setup_logging(config)
     pool = make_pool(config, "billing-worker", max_size=4, **WORKER_SESSION)

@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import falcon
 import jsonschema
 import psycopg
+import psycopg.errors
 import psycopg_pool
 import simplejson
 import waitress.channel
@@ -58,6 +59,8 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """The settings of both services; the defaults here are the documented ones."""
+
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     appointments_port: int = 8080
     billing_port: int = 8081
@@ -71,37 +74,37 @@ class Config:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         env = os.environ if env is None else env
-        rate_raw = env.get("HOURLY_RATE", "").strip() or "200.00"
+        rate_raw = env.get("HOURLY_RATE", "").strip() or str(cls.hourly_rate)
         try:
             rate = decimal.Decimal(rate_raw)
         except decimal.InvalidOperation:
             raise ConfigError(f"HOURLY_RATE must be a decimal amount like 200.00, got {rate_raw!r}") from None
         if not rate.is_finite() or rate < 0 or rate > MAX_MONEY or rate != rate.quantize(CENTS):
             raise ConfigError(f"HOURLY_RATE must be between 0.00 and {MAX_MONEY} with at most two decimals, got {rate_raw!r}")
-        tz_raw = env.get("APP_TIMEZONE", "").strip() or "UTC"
+        tz_raw = env.get("APP_TIMEZONE", "").strip() or cls.timezone.key
         try:
             tz = ZoneInfo(tz_raw)
         except (ZoneInfoNotFoundError, ValueError):
             raise ConfigError(f"APP_TIMEZONE must be an IANA time zone such as America/Sao_Paulo, got {tz_raw!r}") from None
-        poll_raw = env.get("BILLING_POLL_SECONDS", "").strip() or "10"
+        poll_raw = env.get("BILLING_POLL_SECONDS", "").strip() or str(cls.poll_seconds)
         try:
             poll = float(poll_raw)
         except ValueError:
             poll = -1.0
         if not 0.05 <= poll <= 3600:
             raise ConfigError(f"BILLING_POLL_SECONDS must be a number of seconds from 0.05 to 3600, got {poll_raw!r}")
-        level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
+        level = env.get("LOG_LEVEL", "").strip().upper() or cls.log_level
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
         return cls(
             database_url=env.get("DATABASE_URL", "").strip() or cls.database_url,
-            appointments_port=_int(env, "APPOINTMENTS_PORT", 8080, 1, 65535),
-            billing_port=_int(env, "BILLING_PORT", 8081, 1, 65535),
+            appointments_port=_int(env, "APPOINTMENTS_PORT", cls.appointments_port, 1, 65535),
+            billing_port=_int(env, "BILLING_PORT", cls.billing_port, 1, 65535),
             hourly_rate=rate.quantize(CENTS),
             timezone=tz,
             poll_seconds=poll,
-            batch_size=_int(env, "BILLING_BATCH_SIZE", 500, 1, 10000),
-            max_attempts=_int(env, "BILLING_MAX_ATTEMPTS", 10, 1, 1000),
+            batch_size=_int(env, "BILLING_BATCH_SIZE", cls.batch_size, 1, 10000),
+            max_attempts=_int(env, "BILLING_MAX_ATTEMPTS", cls.max_attempts, 1, 1000),
             log_level=level,
         )
 
@@ -170,6 +173,13 @@ def _on_problem(req, resp, ex: Problem, params) -> None:
 def _on_database_unavailable(req, resp, ex: psycopg.OperationalError, params) -> None:
     log.warning("database unavailable during %s %s: %s", req.method, req.path, ex)
     _render(resp, 503, "the database is unavailable; retry shortly", {"Retry-After": "1"})
+
+
+def _on_database_not_ready(req, resp, ex: psycopg.Error, params) -> None:
+    # The schema not applied yet, or a read-only server during a failover: the database is there
+    # but cannot serve us, the same answer as /ready gives.
+    log.error("database not ready during %s %s: %s", req.method, req.path, ex)
+    _render(resp, 503, f"the database is not ready ({ex.__class__.__name__}); retry shortly", {"Retry-After": "5"})
 
 
 def _serialize_http_error(req, resp, ex: falcon.HTTPError) -> None:
@@ -343,6 +353,7 @@ def base_app(pool: psycopg_pool.ConnectionPool) -> falcon.App:
     app.set_error_serializer(_serialize_http_error)
     app.add_error_handler(Exception, _on_unexpected)
     app.add_error_handler(psycopg.OperationalError, _on_database_unavailable)
+    app.add_error_handler((psycopg.errors.UndefinedTable, psycopg.errors.ReadOnlySqlTransaction), _on_database_not_ready)
     app.add_error_handler(Problem, _on_problem)
     app.add_route("/health", Health())
     app.add_route("/ready", Ready(pool))

@@ -7,7 +7,9 @@
 -- second, so what the API shows is exactly what is stored.
 
 -- Serialise concurrent runs of this file (two containers starting at once), so that two
--- CREATE ... IF NOT EXISTS cannot race into a unique violation on the catalog.
+-- CREATE ... IF NOT EXISTS cannot race into a unique violation on the catalog. A session lock,
+-- never unlocked here: it goes with the session, after the commit whether the file runs
+-- statement by statement (psql -f) or as one transaction (python common.py apply-schema).
 DO $$ BEGIN PERFORM pg_advisory_lock(hashtext('clinic-billing schema')); END $$;
 
 -- One row per appointment. Open while end_date IS NULL; ending it fills end_date and price and,
@@ -65,5 +67,3 @@ CREATE TABLE IF NOT EXISTS billing_entries (
 -- Serves GET /billing-entries?limit=N (LIST_ENTRIES): newest first.
 CREATE INDEX IF NOT EXISTS billing_entries_newest
     ON billing_entries (created_at DESC, appointment_id DESC);
-
-DO $$ BEGIN PERFORM pg_advisory_unlock(hashtext('clinic-billing schema')); END $$;

@@ -112,6 +112,8 @@ class Stack:
             self.start_api(port)
         for _ in range(worker_count):
             self.start_worker()
+
+    def wait_healthy(self) -> None:
         for service in [*self.apis.values(), *self.workers]:
             service.wait_healthy(30)
 
@@ -381,6 +383,7 @@ def run(duration: float, broken: bool = False, clients: int = 8, seed: int | Non
         history = History()
         script = "tests/broken_worker.py" if broken else "billing_worker.py"
         stack = Stack(cluster, db_url, workdir, script, api_count=2, worker_count=3)
+        stack.wait_healthy()  # after the assignment: a failure here still shuts the stack down
         stop_clients = threading.Event()
         threads = [Client(stack, history, stop_clients, rng.randrange(1 << 30)) for _ in range(clients)]
         faults = Faults(stack, history, duration, rng, cluster.url)

@@ -249,8 +249,12 @@ def test_ready_is_503_without_the_schema(admin_url, config):
     pool = make_pool(replace(config, database_url=url), "tests")
     pool.open(wait=True)
     try:
-        result = falcon.testing.TestClient(appointments.create_app(config, pool)).simulate_get("/ready")
-        assert_problem(result, 503, "schema")
+        client = falcon.testing.TestClient(appointments.create_app(config, pool))
+        assert_problem(client.simulate_get("/ready"), 503, "schema")
+        # The same answer, not a 500, from an endpoint that needs the tables.
+        missing = client.simulate_get(f"/appointments/{uuid.uuid4()}")
+        assert_problem(missing, 503, "UndefinedTable")
+        assert missing.headers["retry-after"]
     finally:
         pool.close()
         drop_database(admin_url, name)

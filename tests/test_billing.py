@@ -45,7 +45,8 @@ def test_a_charge_waiting_out_its_backoff_is_not_claimed(make_appointment, bille
 
 
 def test_two_billers_racing_on_one_backlog_never_claim_a_row_twice(config, pool, db):
-    """SKIP LOCKED: the rows the two report billing add up to the backlog, with no overlap."""
+    """The row locks (and the re-check of status behind them): the rows the two report billing
+    add up to the backlog, with no overlap."""
     make_backlog(db, 3000)
     billers = [billing_worker.Biller(pool, 100, 3) for _ in range(2)]
     tallies, barrier = [], threading.Barrier(2)
@@ -112,7 +113,8 @@ def test_a_poison_row_does_not_block_the_others_and_ends_failed(make_appointment
     assert_billed_exactly_once(db, ended=4)
 
 
-def test_backoff_doubles_and_is_capped(make_appointment, biller, db):
+def test_backoff_doubles_and_is_capped_at_an_hour(make_appointment, config, pool, db):
+    biller = billing_worker.Biller(pool, config.batch_size, max_attempts=100)
     bad = make_appointment(end="2020-12-01 14:00:00")
     poison(db, bad["id"])
     delays = []
@@ -122,6 +124,10 @@ def test_backoff_doubles_and_is_capped(make_appointment, biller, db):
         delays.append(float(row["delay"]))
         db.execute("UPDATE billing_queue SET available_at = now()")
     assert 1 < delays[0] <= 2 and 3 < delays[1] <= 4
+    db.execute("UPDATE billing_queue SET attempts = 20")  # 2^21 s would be weeks
+    biller.drain()
+    capped = db.execute("SELECT extract(epoch FROM available_at - now()) AS delay FROM billing_queue").fetchone()
+    assert 3590 < float(capped["delay"]) <= 3600
 
 
 # --- the billing HTTP API -----------------------------------------------------------------------
@@ -166,6 +172,18 @@ def test_billing_health_ready_and_openapi(billing_api):
     assert billing_api.simulate_get("/health").status_code == 200
     assert billing_api.simulate_get("/ready").json == {"status": "ready"}
     assert "/billing-entries" in billing_api.simulate_get("/openapi.json").json["paths"]
+
+
+def test_a_missing_table_is_the_system_s_fault_and_costs_no_row_an_attempt(make_appointment, biller, db):
+    make_appointment(end="2020-12-01 14:00:00")
+    db.execute("ALTER TABLE billing_entries RENAME TO billing_entries_moved")
+    try:
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            biller.drain()
+    finally:
+        db.execute("ALTER TABLE billing_entries_moved RENAME TO billing_entries")
+    assert db.execute("SELECT attempts, status FROM billing_queue").fetchone() == {"attempts": 0, "status": "pending"}
+    assert biller.drain().billed == 1
 
 
 def test_a_batch_of_rows_already_billed_elsewhere_is_not_billed_again(make_appointment, biller, db):
