@@ -252,6 +252,8 @@ class Appointment:
         row = self._store.get(parse_uuid(appointment_id, "appointment_id"))
         send(resp, 200, representation(row, self._config.timezone))
 
+    on_head = on_get
+
 
 class AppointmentEnd:
     """/appointments/{appointment_id}/end"""

@@ -314,6 +314,8 @@ class BillingEntries:
             rows = conn.cursor(row_factory=dict_row).execute(LIST_ENTRIES, {"limit": limit}).fetchall()
         send(resp, 200, [entry_representation(row, self._config) for row in rows])
 
+    on_head = on_get
+
 
 class BillingEntry:
     """/billing-entries/{appointment_id}"""
@@ -328,6 +330,8 @@ class BillingEntry:
         if row is None:
             raise Problem(404, f"appointment_id: no billing entry for {key} (not ended, or not billed yet)")
         send(resp, 200, entry_representation(row, self._config))
+
+    on_head = on_get
 
 
 def create_app(config: Config, pool: psycopg_pool.ConnectionPool) -> falcon.App:

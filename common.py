@@ -327,6 +327,8 @@ class Health:
     def on_get(self, req, resp):
         send(resp, 200, {"status": "ok"})
 
+    on_head = on_get  # RFC 9110: HEAD wherever GET is served (Falcon drops the body)
+
 
 class Ready:
     """Readiness: the database answers and the schema is there."""
@@ -341,10 +343,14 @@ class Ready:
             raise Problem(503, "schema: tables are missing; apply schema.sql", {"Retry-After": "5"})
         send(resp, 200, {"status": "ready"})
 
+    on_head = on_get
+
 
 class OpenApi:
     def on_get(self, req, resp):
         send(resp, 200, openapi_spec())
+
+    on_head = on_get
 
 
 def base_app(pool: psycopg_pool.ConnectionPool) -> falcon.App:

@@ -271,3 +271,12 @@ def test_database_down_is_503_with_retry_after(config):
         assert api.simulate_get("/health").status_code == 200
     finally:
         pool.close()
+
+
+def test_head_answers_like_get_without_a_body(api, billing_api, make_appointment):
+    appointment = make_appointment()
+    for client, path in [(api, f"/appointments/{appointment['id']}"), (api, "/health"), (billing_api, "/billing-entries")]:
+        got, head = client.simulate_get(path), client.simulate_head(path)
+        assert head.status_code == got.status_code == 200 and head.text == ""
+        assert head.headers["content-type"] == got.headers["content-type"]
+    assert api.simulate_head(f"/appointments/{uuid.uuid4()}").status_code == 404
