@@ -280,3 +280,17 @@ def test_head_answers_like_get_without_a_body(api, billing_api, make_appointment
         assert head.status_code == got.status_code == 200 and head.text == ""
         assert head.headers["content-type"] == got.headers["content-type"]
     assert api.simulate_head(f"/appointments/{uuid.uuid4()}").status_code == 404
+
+
+def test_a_read_only_database_is_503_not_500(config, db):
+    """As on a replica during a failover: reads work, writes are refused with Retry-After."""
+    pool = make_pool(config, "tests", default_transaction_read_only="on")
+    pool.open(wait=True)
+    try:
+        client = falcon.testing.TestClient(appointments.create_app(config, pool))
+        result = client.simulate_post("/appointments", json=start_body())
+        assert_problem(result, 503, "ReadOnlySqlTransaction")
+        assert result.headers["retry-after"]
+    finally:
+        pool.close()
+    assert count(db, "SELECT count(*) AS n FROM appointments") == 0
