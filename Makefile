@@ -18,11 +18,13 @@ venv: $(VENV)/.installed
 
 # Idempotent: safe on a live database.
 schema: venv
-	$(PY) common.py apply-schema
+	$(PY) db.py apply-schema
 
 # Both services in the foreground; Ctrl-C (or SIGTERM to make) stops both cleanly.
+# Logs for a person at a terminal (LOG_FORMAT=json for the JSON lines production gets).
 run: schema
-	@$(PY) appointments.py & api=$$!; \
+	@export LOG_FORMAT=$${LOG_FORMAT:-console}; \
+	$(PY) appointments.py & api=$$!; \
 	$(PY) billing_worker.py & worker=$$!; \
 	trap 'kill -TERM $$api $$worker 2>/dev/null' INT TERM; \
 	echo "appointments API on :$${APPOINTMENTS_PORT:-8080}, billing worker on :$${BILLING_PORT:-8081}; Ctrl-C stops both"; \

@@ -16,24 +16,21 @@ import falcon
 import psycopg_pool
 from psycopg.rows import dict_row
 
-from common import (
-    CENTS,
-    MAX_MONEY,
-    Config,
+from config import CENTS, MAX_MONEY, Config, load_config_or_exit
+from db import make_pool
+from telemetry import ApiMetrics, setup_logging
+from web import (
     Problem,
     SchemaValidator,
     base_app,
     format_timestamp,
-    load_config_or_exit,
-    make_pool,
     make_server,
     money,
     on_stop_signals,
-    parse_uuid,
     openapi_spec,
+    parse_uuid,
     read_json_object,
     send,
-    setup_logging,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -169,15 +166,16 @@ FOR UPDATE OF a
 """
 
 # The end and its pending charge in one statement of one transaction; NOTIFY wakes the worker at
-# commit (and is dropped with a rollback, like the rest).
+# commit (and is dropped with a rollback, like the rest). The request id goes with the charge so
+# that the worker's log lines for it carry the id of the request that ended the appointment.
 END_AND_QUEUE_CHARGE = """
 WITH ended AS (
     UPDATE appointments SET end_date = %(end_date)s, price = %(price)s
     WHERE id = %(id)s
     RETURNING id, price
 ), queued AS (
-    INSERT INTO billing_queue (appointment_id, total_price)
-    SELECT id, price FROM ended
+    INSERT INTO billing_queue (appointment_id, total_price, request_id)
+    SELECT id, price, %(request_id)s FROM ended
     RETURNING appointment_id
 )
 SELECT pg_notify('billing_queue', appointment_id::text) FROM queued
@@ -208,7 +206,8 @@ class AppointmentStore:
             raise Problem(409, f"id: appointment {new['id']} already exists with another {', '.join(differs)}")
         return False, stored
 
-    def end(self, appointment_id: uuid.UUID, requested: dt.datetime | None) -> dict[str, Any]:
+    def end(self, appointment_id: uuid.UUID, requested: dt.datetime | None, request_id: str) -> tuple[bool, dict[str, Any]]:
+        """(ended now, row); a repeat of the same end returns the stored row."""
         with self._pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             row = cur.execute(LOCK_APPOINTMENT, {"id": appointment_id}).fetchone()
@@ -218,10 +217,10 @@ class AppointmentStore:
             if plan is None:
                 # Another end committed while we waited for the lock: our lock query re-read the
                 # appointment row but kept its old (empty) view of billing_queue; a new statement sees it.
-                return cur.execute(SELECT_APPOINTMENT, {"id": appointment_id}).fetchone()
+                return False, cur.execute(SELECT_APPOINTMENT, {"id": appointment_id}).fetchone()
             end_date, price = plan
-            cur.execute(END_AND_QUEUE_CHARGE, {"id": appointment_id, "end_date": end_date, "price": price})
-        return {**row, "end_date": end_date, "price": price, "billing_status": "pending"}
+            cur.execute(END_AND_QUEUE_CHARGE, {"id": appointment_id, "end_date": end_date, "price": price, "request_id": request_id})
+        return True, {**row, "end_date": end_date, "price": price, "billing_status": "pending"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,13 +230,15 @@ class AppointmentStore:
 class Appointments:
     """/appointments"""
 
-    def __init__(self, store: AppointmentStore, config: Config):
-        self._store, self._config = store, config
+    def __init__(self, store: AppointmentStore, config: Config, metrics: ApiMetrics):
+        self._store, self._config, self._metrics = store, config, metrics
         self._validate = SchemaValidator(openapi_spec(), "AppointmentStart")
 
     def on_post(self, req, resp):
         new = new_appointment(read_json_object(req, self._validate), self._config.timezone, self._config.hourly_rate)
         created, row = self._store.start(new)
+        if created:
+            self._metrics.appointments_started.inc()
         send(resp, 201 if created else 200, representation(row, self._config.timezone))
         resp.location = f"/appointments/{row['id']}"
 
@@ -258,8 +259,8 @@ class Appointment:
 class AppointmentEnd:
     """/appointments/{appointment_id}/end"""
 
-    def __init__(self, store: AppointmentStore, config: Config):
-        self._store, self._config = store, config
+    def __init__(self, store: AppointmentStore, config: Config, metrics: ApiMetrics):
+        self._store, self._config, self._metrics = store, config, metrics
         self._validate = SchemaValidator(openapi_spec(), "AppointmentEnd")
 
     def on_post(self, req, resp, appointment_id):
@@ -267,15 +268,19 @@ class AppointmentEnd:
         body = read_json_object(req, self._validate, optional=True)
         end = body.get("end_date")
         requested = None if end is None else parse_timestamp(end, self._config.timezone, "end_date")
-        send(resp, 200, representation(self._store.end(appointment_id, requested), self._config.timezone))
+        ended, row = self._store.end(appointment_id, requested, req.context.request_id)
+        if ended:
+            self._metrics.appointments_ended.inc()
+        send(resp, 200, representation(row, self._config.timezone))
 
 
-def create_app(config: Config, pool: psycopg_pool.ConnectionPool) -> falcon.App:
+def create_app(config: Config, pool: psycopg_pool.ConnectionPool, metrics: ApiMetrics | None = None) -> falcon.App:
+    metrics = metrics or ApiMetrics(pool)
     store = AppointmentStore(pool)
-    app = base_app(pool)
-    app.add_route("/appointments", Appointments(store, config))
+    app = base_app(pool, metrics)
+    app.add_route("/appointments", Appointments(store, config, metrics))
     app.add_route("/appointments/{appointment_id}", Appointment(store, config))
-    app.add_route("/appointments/{appointment_id}/end", AppointmentEnd(store, config))
+    app.add_route("/appointments/{appointment_id}/end", AppointmentEnd(store, config, metrics))
     return app
 
 
@@ -286,7 +291,7 @@ def main() -> None:
     try:
         on_stop_signals(stop)  # first, so that even a SIGTERM during start-up exits cleanly
         config = load_config_or_exit()
-        setup_logging(config)
+        setup_logging("appointments", config.log_level, config.log_format)
         pool = make_pool(config, "appointments")
         try:
             pool.open(wait=False)  # serve /health and 503s while the database is still coming up

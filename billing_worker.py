@@ -3,6 +3,7 @@
     python billing_worker.py            # work forever; HTTP on BILLING_PORT (default 8081)
     python billing_worker.py --once     # bill everything that is due, print a summary, exit 0
     python billing_worker.py requeue    # make failed charges pending again
+    python billing_worker.py reconcile  # check the ledger against the appointments; exit 1 on a mismatch
 
 Exactly once: a charge is claimed, written and marked billed in one transaction. A crash at any
 point rolls that transaction back and the rows are claimed again on the next pass; the primary key
@@ -23,25 +24,17 @@ import time
 import falcon
 import psycopg
 import psycopg_pool
+import structlog
 from psycopg.rows import dict_row
 
-from common import (
-    Config,
-    Problem,
-    base_app,
-    format_timestamp,
-    load_config_or_exit,
-    make_pool,
-    make_server,
-    money,
-    on_stop_signals,
-    parse_uuid,
-    send,
-    serve_in_thread,
-    setup_logging,
-)
+from config import Config, load_config_or_exit
+from db import make_pool
+from telemetry import WorkerMetrics, setup_logging
+from web import Problem, base_app, format_timestamp, make_server, money, on_stop_signals, parse_uuid, send, serve_in_thread
 
-log = logging.getLogger("clinic.billing")
+log = structlog.get_logger("clinic.billing")
+# What the per-charge DEBUG lines ask before they loop (structlog renders through this logger).
+_debug_enabled = logging.getLogger("clinic.billing").isEnabledFor
 
 CHANNEL = "billing_queue"
 # A worker frozen inside a transaction (SIGSTOP, a stuck VM) loses its session after this long,
@@ -52,7 +45,7 @@ MAX_BACKOFF_SECONDS = 3600
 # Due rows, oldest first; rows another worker holds are skipped, not waited for. The index
 # billing_queue_due serves it.
 CLAIM = """
-SELECT appointment_id, total_price
+SELECT appointment_id, total_price, request_id
 FROM billing_queue
 WHERE status = 'pending' AND available_at <= now()
 ORDER BY available_at, appointment_id
@@ -71,7 +64,7 @@ UPDATE billing_queue q
 SET status = 'billed', processed_at = now(), attempts = q.attempts + 1
 FROM due
 WHERE q.appointment_id = due.appointment_id
-RETURNING q.appointment_id
+RETURNING q.appointment_id, q.request_id
 """
 
 # The slow path, after the fast one failed: CLAIM, then each row on its own savepoint so that
@@ -116,6 +109,45 @@ ORDER BY created_at DESC, appointment_id DESC
 LIMIT %(limit)s
 """
 
+# `reconcile`: each query below lists rows that mean lost, doubled or wrong money. They read whole
+# tables (an operator's check, not a hot path), all from one REPEATABLE READ snapshot.
+RECONCILE_COUNTS = """
+SELECT (SELECT count(*) FROM appointments WHERE end_date IS NOT NULL) AS ended,
+       (SELECT count(*) FROM billing_entries) AS entries,
+       (SELECT count(*) FROM billing_queue WHERE status = 'pending') AS pending,
+       (SELECT count(*) FROM billing_queue WHERE status = 'failed') AS failed
+"""
+
+RECONCILE_CHECKS = {
+    # Ended, yet neither queued nor billed: a charge lost before it reached the queue.
+    "ended_without_charge": """
+        SELECT a.id AS appointment_id, a.price, a.end_date
+        FROM appointments a
+        WHERE a.end_date IS NOT NULL
+          AND NOT EXISTS (SELECT 1 FROM billing_queue q WHERE q.appointment_id = a.id)
+          AND NOT EXISTS (SELECT 1 FROM billing_entries e WHERE e.appointment_id = a.id)
+        ORDER BY a.end_date, a.id""",
+    # Marked billed without its entry: a charge lost by the worker.
+    "billed_without_entry": """
+        SELECT q.appointment_id, q.total_price, q.processed_at
+        FROM billing_queue q
+        WHERE q.status = 'billed'
+          AND NOT EXISTS (SELECT 1 FROM billing_entries e WHERE e.appointment_id = q.appointment_id)
+        ORDER BY q.processed_at, q.appointment_id""",
+    # Charged another amount than the appointment's price.
+    "wrong_total": """
+        SELECT e.appointment_id, a.price, e.total_price
+        FROM billing_entries e JOIN appointments a ON a.id = e.appointment_id
+        WHERE a.price IS NOT NULL AND e.total_price <> a.price
+        ORDER BY e.appointment_id""",
+    # A charge for an appointment that is not ended (or not there).
+    "entry_without_ended_appointment": """
+        SELECT e.appointment_id, e.total_price, e.created_at
+        FROM billing_entries e LEFT JOIN appointments a ON a.id = e.appointment_id
+        WHERE a.end_date IS NULL
+        ORDER BY e.appointment_id""",
+}
+
 
 # SQLSTATE classes that mean the data of a row is at fault: 22 data exception, 23 integrity
 # constraint violation, P0001 raised by a trigger. Anything else (connection lost, session ended by
@@ -145,22 +177,37 @@ class Tally:
 class Biller:
     """Runs batches against the database; knows nothing of signals, LISTEN or HTTP."""
 
-    def __init__(self, pool: psycopg_pool.ConnectionPool, batch_size: int, max_attempts: int):
+    def __init__(self, pool: psycopg_pool.ConnectionPool, batch_size: int, max_attempts: int, metrics: WorkerMetrics | None = None):
         self._pool = pool
         self._batch_size = batch_size
         self._max_attempts = max_attempts
+        self._metrics = metrics or WorkerMetrics()
 
     def batch(self, conn: psycopg.Connection) -> tuple[int, Tally]:
         """One transaction: (rows claimed, what became of them)."""
+        started = time.perf_counter()
         try:
             with conn.transaction():
-                billed = conn.execute(CLAIM_AND_BILL, {"batch_size": self._batch_size}).rowcount
-            return billed, Tally(billed=billed)
+                billed = conn.execute(CLAIM_AND_BILL, {"batch_size": self._batch_size}).fetchall()
+            claimed, tally = len(billed), Tally(billed=len(billed))
+            if _debug_enabled(logging.DEBUG):
+                for appointment_id, request_id in billed:
+                    log.debug("charge_billed", appointment_id=str(appointment_id), request_id=request_id)
         except psycopg.Error as exc:
             if not is_row_error(conn, exc):
                 raise  # connection or server trouble: nothing was billed, the rows stay pending
-            log.warning("batch failed (%s); billing its rows one by one", exc.__class__.__name__)
-            return self._row_by_row(conn)
+            log.warning("batch_failed_billing_row_by_row", error=exc.__class__.__name__)
+            claimed, tally = self._row_by_row(conn)
+        self._count(tally, time.perf_counter() - started)
+        return claimed, tally
+
+    def _count(self, tally: Tally, seconds: float) -> None:
+        m = self._metrics
+        m.batch_duration.observe(seconds)
+        for outcome, n in dataclasses.asdict(tally).items():
+            if n:
+                m.charges.labels(outcome).inc(n)
+        m.last_pass.set_to_current_time()
 
     def _row_by_row(self, conn: psycopg.Connection) -> tuple[int, Tally]:
         tally = Tally()
@@ -171,46 +218,60 @@ class Biller:
                     with conn.transaction():  # a savepoint
                         conn.execute(BILL_ONE, row)
                     tally.billed += 1
+                    log.debug("charge_billed", appointment_id=str(row["appointment_id"]), request_id=row["request_id"])
                 except psycopg.Error as exc:
                     if not is_row_error(conn, exc):
                         raise
-                    self._record_failure(conn, row["appointment_id"], exc, tally)
+                    self._record_failure(conn, row, exc, tally)
         return len(rows), tally
 
-    def _record_failure(self, conn, appointment_id, exc: psycopg.Error, tally: Tally) -> None:
+    def _record_failure(self, conn, row, exc: psycopg.Error, tally: Tally) -> None:
         error = f"{exc.__class__.__name__}: {str(exc).strip()}"[:2000]
         status, attempts = conn.execute(
             RECORD_FAILURE,
             {
-                "appointment_id": appointment_id,
+                "appointment_id": row["appointment_id"],
                 "error": error,
                 "max_attempts": self._max_attempts,
                 "max_backoff": MAX_BACKOFF_SECONDS,
             },
         ).fetchone()
+        charge = {"appointment_id": str(row["appointment_id"]), "request_id": row["request_id"], "attempts": attempts, "error": error}
         if status == "failed":
             tally.failed += 1
-            log.error("charge for appointment %s FAILED after %d attempts, needs attention: %s", appointment_id, attempts, error)
+            log.error("charge_failed_needs_attention", **charge)
         else:
             tally.retried += 1
-            log.warning("charge for appointment %s failed (attempt %d of %d), will retry: %s", appointment_id, attempts, self._max_attempts, error)
+            log.warning("charge_failed_will_retry", max_attempts=self._max_attempts, **charge)
 
-    def drain(self, stop: threading.Event | None = None) -> Tally:
-        """Batches until nothing is due (or stop is set)."""
+    def drain(self, stop: threading.Event | None = None, reason: str = "poll") -> Tally:
+        """Batches until nothing is due (or stop is set); ``reason`` is why this pass started."""
         total = Tally()
         with self._pool.connection(timeout=2) as conn:
             while stop is None or not stop.is_set():
+                started = time.perf_counter()
                 claimed, tally = self.batch(conn)
                 total.add(tally)
+                log.log(logging.INFO if claimed else logging.DEBUG, "batch", rows=claimed, wake_reason=reason,
+                        duration_ms=round((time.perf_counter() - started) * 1000, 3), **dataclasses.asdict(tally))
                 if claimed < self._batch_size:
                     break
-        if total.billed or total.retried or total.failed:
-            log.info("drained: %s", dataclasses.asdict(total))
         return total
 
     def requeue(self) -> int:
         with self._pool.connection() as conn, conn.transaction():
             return conn.execute(REQUEUE_FAILED).rowcount
+
+    def reconcile(self) -> dict:
+        """The ledger against the appointments, from one snapshot; see RECONCILE_CHECKS."""
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            cur = conn.cursor(row_factory=dict_row)
+            report = {"counts": cur.execute(RECONCILE_COUNTS).fetchone()}
+            for name, query in RECONCILE_CHECKS.items():
+                rows = cur.execute(query).fetchall()
+                report[name] = [{k: str(v) for k, v in r.items()} for r in rows]
+        return report
 
 
 class Listener:
@@ -224,17 +285,17 @@ class Listener:
         self._conn: psycopg.Connection | None = None
         self._next_connect = 0.0
 
-    def wait(self, seconds: float) -> None:
-        """Returns on a notification, on stop, on a fresh LISTEN (rows may have come meanwhile),
-        or after `seconds`."""
+    def wait(self, seconds: float) -> str | None:
+        """Why the wait ended: "notify" (a notification), "listen" (a fresh LISTEN: rows may have
+        come meanwhile), "poll" (`seconds` passed), or None (stop was set)."""
         deadline = time.monotonic() + seconds
         while not self._stop.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return
+                return "poll"
             if self._conn is None and time.monotonic() >= self._next_connect:
                 if self._connect():
-                    return
+                    return "listen"
             if self._conn is None:
                 self._stop.wait(min(remaining, 0.5))
                 continue
@@ -243,10 +304,11 @@ class Listener:
                 if any(True for _ in self._conn.notifies(timeout=min(remaining, 0.5), stop_after=1)):
                     for _ in self._conn.notifies(timeout=0):
                         pass  # one drain serves every notification already queued
-                    return
+                    return "notify"
             except psycopg.Error as exc:
-                log.warning("lost the LISTEN connection (%s); polling until it is back", exc)
+                log.warning("listen_connection_lost_polling", error=str(exc).strip())
                 self.close()
+        return None
 
     def _connect(self) -> bool:
         self._next_connect = time.monotonic() + self.RECONNECT_EVERY
@@ -257,7 +319,7 @@ class Listener:
             self._conn.execute(f"LISTEN {CHANNEL}")
             return True
         except psycopg.Error as exc:
-            log.debug("cannot LISTEN yet: %s", exc)
+            log.debug("cannot_listen_yet", error=str(exc).strip())
             self.close()
             return False
 
@@ -267,18 +329,21 @@ class Listener:
             self._conn = None
 
 
-def work(biller: Biller, listener: Listener, poll_seconds: float, stop: threading.Event) -> None:
+def work(biller: Biller, listener: Listener, poll_seconds: float, stop: threading.Event, metrics: WorkerMetrics) -> None:
     """Drain, then wait for a NOTIFY or the poll interval; until stop is set."""
+    reason = "poll"  # the first pass, at start, is the poll that finds what waited meanwhile
     while not stop.is_set():
+        metrics.wakeups.labels(reason).inc()
         try:
-            biller.drain(stop)
-        except psycopg.Error as exc:
+            biller.drain(stop, reason)
+        except psycopg.Error as exc:  # PoolTimeout too
             # The database went away, our session was ended, or the schema is not applied yet:
             # nothing was billed by the failed transaction; stay up and try again shortly.
-            log.warning("billing pass failed, will retry: %s: %s", exc.__class__.__name__, exc)
+            log.warning("billing_pass_failed_will_retry", error=f"{exc.__class__.__name__}: {str(exc).strip()}")
             stop.wait(1.0)
+            reason = "poll"
             continue
-        listener.wait(poll_seconds)
+        reason = listener.wait(poll_seconds) or "poll"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,8 +399,8 @@ class BillingEntry:
     on_head = on_get
 
 
-def create_app(config: Config, pool: psycopg_pool.ConnectionPool) -> falcon.App:
-    app = base_app(pool)
+def create_app(config: Config, pool: psycopg_pool.ConnectionPool, metrics: WorkerMetrics | None = None) -> falcon.App:
+    app = base_app(pool, metrics or WorkerMetrics(pool, config.poll_seconds))
     app.add_route("/billing-entries", BillingEntries(pool, config))
     app.add_route("/billing-entries/{appointment_id}", BillingEntry(pool, config))
     return app
@@ -343,7 +408,7 @@ def create_app(config: Config, pool: psycopg_pool.ConnectionPool) -> falcon.App:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="clinic-billing worker")
-    parser.add_argument("command", nargs="?", choices=["work", "requeue"], default="work")
+    parser.add_argument("command", nargs="?", choices=["work", "requeue", "reconcile"], default="work")
     parser.add_argument("--once", action="store_true", help="bill everything due, print a summary and exit")
     args = parser.parse_args(argv)
     stop = threading.Event()
@@ -351,35 +416,48 @@ def main(argv: list[str] | None = None) -> int:
     # handler runs in the main thread, which may hold the Event's lock inside stop.wait().
     on_stop_signals(lambda: threading.Thread(target=stop.set).start())
     config = load_config_or_exit()
-    setup_logging(config)
+    setup_logging("billing-worker", config.log_level, config.log_format)
     pool = make_pool(config, "billing-worker", max_size=4, **WORKER_SESSION)
-    biller = Biller(pool, config.batch_size, config.max_attempts)
+    metrics = WorkerMetrics(pool, config.poll_seconds)
+    biller = Biller(pool, config.batch_size, config.max_attempts, metrics)
 
-    if args.command == "requeue" or args.once:
-        try:
-            pool.open(wait=True, timeout=10)
-            result = {"requeued": biller.requeue()} if args.command == "requeue" else dataclasses.asdict(biller.drain(stop))
-        except psycopg.OperationalError as exc:
-            print(f"database unavailable: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            pool.close()
-        print(json.dumps(result))
-        return 0
+    if args.command != "work" or args.once:
+        return run_command(args.command, biller, pool, stop)
 
     pool.open(wait=False)
-    server = make_server(create_app(config, pool), config.billing_port, threads=4)
+    server = make_server(create_app(config, pool, metrics), config.billing_port, threads=4)
     serve_in_thread(server)
     listener = Listener(config.database_url, stop)
-    log.info("billing worker up: HTTP on %d, polling every %ss", config.billing_port, config.poll_seconds)
+    log.info("billing_worker_up", port=config.billing_port, poll_seconds=config.poll_seconds)
     try:
-        work(biller, listener, config.poll_seconds, stop)
+        work(biller, listener, config.poll_seconds, stop, metrics)
     finally:
         listener.close()
         server.task_dispatcher.shutdown(timeout=1)
         pool.close()
-    log.info("billing worker stopped")
+    log.info("billing_worker_stopped")
     return 0
+
+
+def run_command(command: str, biller: Biller, pool: psycopg_pool.ConnectionPool, stop: threading.Event) -> int:
+    """requeue, reconcile or --once: prints one JSON object. Exit 0; 1 when reconcile found a
+    mismatch; 2 when the database is unavailable."""
+    try:
+        pool.open(wait=True, timeout=10)
+        if command == "requeue":
+            result = {"requeued": biller.requeue()}
+        elif command == "reconcile":
+            result = biller.reconcile()
+        else:
+            result = dataclasses.asdict(biller.drain(stop))
+    except psycopg.OperationalError as exc:
+        print(f"database unavailable: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        pool.close()
+    print(json.dumps(result, indent=2 if command == "reconcile" else None))
+    mismatches = sum(len(result[name]) for name in RECONCILE_CHECKS) if command == "reconcile" else 0
+    return 1 if mismatches else 0
 
 
 if __name__ == "__main__":

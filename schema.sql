@@ -1,6 +1,9 @@
 -- clinic-billing schema: the source of truth for both services.
 --
--- Safe to apply again on a live database: every statement is IF NOT EXISTS, nothing is dropped.
+-- Safe to apply again on a live database: every statement is IF NOT EXISTS (or OR REPLACE),
+-- nothing is dropped, and what a later version adds to an existing table is a nullable column
+-- (a catalog change, no rewrite) or a small partial index. docs/operations.md says how to roll
+-- a new version onto a large live database.
 --   psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f schema.sql
 --
 -- Money is NUMERIC(12,2) (reais with cents, never float); times are timestamptz kept to the whole
@@ -11,6 +14,10 @@
 -- never unlocked here: it goes with the session, after the commit whether the file runs
 -- statement by statement (psql -f) or as one transaction (python common.py apply-schema).
 DO $$ BEGIN PERFORM pg_advisory_lock(hashtext('clinic-billing schema')); END $$;
+
+-- Waiting behind a long transaction for a table lock would queue every request behind this file:
+-- give up instead (the file is idempotent, so just run it again).
+SET lock_timeout = '10s';
 
 -- One row per appointment. Open while end_date IS NULL; ending it fills end_date and price and,
 -- in the same transaction, inserts its billing_queue row.
@@ -49,12 +56,32 @@ CREATE TABLE IF NOT EXISTS billing_queue (
     CONSTRAINT billing_queue_processed_iff_billed CHECK ((status = 'billed') = (processed_at IS NOT NULL))
 );
 
+-- The X-Request-ID of the request that ended the appointment: the worker logs it with the charge,
+-- so one id follows an appointment from the HTTP request to the ledger. NULL for rows queued
+-- before this column existed. Added as a nullable column without a default: on a live table that
+-- is a catalog change only, no rewrite. Its CHECK is added NOT VALID, which checks every new row
+-- without scanning the old ones (all NULL, which passes anyway).
+ALTER TABLE billing_queue ADD COLUMN IF NOT EXISTS request_id text;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'billing_queue_request_id_shape') THEN
+        ALTER TABLE billing_queue ADD CONSTRAINT billing_queue_request_id_shape
+            CHECK (request_id ~ '^[A-Za-z0-9._:-]{1,128}$') NOT VALID;
+    END IF;
+END $$;
+
 -- Serves the worker's claim (CLAIM_AND_BILL / CLAIM in billing_worker.py):
 --   WHERE status = 'pending' AND available_at <= now() ORDER BY available_at, appointment_id
--- Partial, so billed rows (almost all of them, in time) cost nothing here.
+-- Partial, so billed rows (almost all of them, in time) cost nothing here. Also serves the
+-- metrics' pending count and oldest due age (QUEUE_STATS in telemetry.py).
 CREATE INDEX IF NOT EXISTS billing_queue_due
     ON billing_queue (available_at, appointment_id)
     WHERE status = 'pending';
+
+-- Serves the metrics' failed count (QUEUE_STATS in telemetry.py), scraped every few seconds:
+-- without it, counting failed rows would read every billed row. Empty when all is well.
+CREATE INDEX IF NOT EXISTS billing_queue_failed
+    ON billing_queue (appointment_id)
+    WHERE status = 'failed';
 
 -- The billing service's ledger: exactly one charge per appointment, enforced here as well as by
 -- the worker's claim.
@@ -67,3 +94,19 @@ CREATE TABLE IF NOT EXISTS billing_entries (
 -- Serves GET /billing-entries?limit=N (LIST_ENTRIES): newest first.
 CREATE INDEX IF NOT EXISTS billing_entries_newest
     ON billing_entries (created_at DESC, appointment_id DESC);
+
+-- Where each appointment's money is, for people with psql:
+--   SELECT * FROM billing_status WHERE status <> 'billed' ORDER BY ended_at;
+-- status: open (not ended), then the queue row's pending, billed or failed. billed_at is when the
+-- worker wrote its billing entry; request_id that of the request that ended it.
+CREATE OR REPLACE VIEW billing_status AS
+SELECT a.id                          AS appointment_id,
+       a.price,
+       coalesce(q.status, 'open')    AS status,
+       a.end_date                    AS ended_at,
+       q.processed_at                AS billed_at,
+       coalesce(q.attempts, 0)       AS attempts,
+       q.last_error,
+       q.request_id
+FROM appointments a
+LEFT JOIN billing_queue q ON q.appointment_id = a.id;

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import appointments  # noqa: E402
 import billing_worker  # noqa: E402
-from common import Config, make_pool  # noqa: E402
+from config import Config
+from db import make_pool  # noqa: E402
 
 from support import (  # noqa: E402
     Service,

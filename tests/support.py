@@ -20,12 +20,12 @@ import psycopg.rows
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import apply_schema  # noqa: E402
+from db import apply_schema  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE_VARS = (
     "DATABASE_URL APPOINTMENTS_PORT BILLING_PORT HOURLY_RATE APP_TIMEZONE BILLING_POLL_SECONDS "
-    "BILLING_BATCH_SIZE BILLING_MAX_ATTEMPTS LOG_LEVEL"
+    "BILLING_BATCH_SIZE BILLING_MAX_ATTEMPTS LOG_LEVEL LOG_FORMAT"
 ).split()
 
 

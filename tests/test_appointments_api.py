@@ -10,7 +10,8 @@ import falcon.testing
 import pytest
 
 import appointments
-from common import MAX_BODY_BYTES, make_pool
+from db import make_pool
+from web import MAX_BODY_BYTES
 from conftest import replace
 from support import create_database, drop_database
 

@@ -7,7 +7,7 @@ import psycopg
 import pytest
 
 import billing_worker
-from common import make_pool
+from db import make_pool
 from support import assert_billed_exactly_once, ledger, make_backlog, wait_until
 
 

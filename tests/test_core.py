@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from appointments import billed_minutes, new_appointment, parse_timestamp, plan_end, price_for, start_conflicts
-from common import Config, ConfigError, Problem, SchemaValidator, format_timestamp, openapi_spec, parse_json
+from config import Config, ConfigError
+from web import Problem, SchemaValidator, format_timestamp, openapi_spec, parse_json
 
 RATE = Decimal("200.00")
 UTC = dt.timezone.utc

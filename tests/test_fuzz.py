@@ -44,7 +44,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 import appointments
-from common import MAX_BODY_BYTES
+from web import MAX_BODY_BYTES
 from conftest import replace
 from support import (
     ROOT,

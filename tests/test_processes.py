@@ -258,7 +258,9 @@ def test_make_run_applies_the_schema_serves_both_and_ctrl_c_stops_both(admin_url
         make.wait(timeout=15)
         session = lambda: subprocess.run(["pgrep", "-s", str(make.pid)], capture_output=True, text=True).stdout  # noqa: E731
         wait_until(lambda: session() == "", 10, what="both services to stop after Ctrl-C")
-        assert "stopping" in (tmp_path / "make.log").read_text()
+        output = (tmp_path / "make.log").read_text()
+        assert "stop_requested" in output
+        assert '"event":' not in output, "make run logs for a person (LOG_FORMAT=console), not JSON"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(make.pid, signal.SIGKILL)

@@ -1,26 +1,25 @@
-"""What both services share: configuration, the connection pool, problem errors and HTTP plumbing.
+"""HTTP plumbing both services share: problem-details errors, JSON bodies, common routes, waitress.
 
-The only place that reads the environment is ``Config.from_env``; everything else gets a ``Config``.
+- ``Problem`` is the one exception a resource raises; every error, ours, Falcon's, psycopg's and
+  waitress's own, leaves as RFC 9457 problem details carrying the request's ``request_id``.
+- ``base_app`` builds the Falcon app with the telemetry middleware and the ``/health``,
+  ``/ready``, ``/metrics`` and ``/openapi.json`` routes; ``make_server`` serves it with waitress.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import decimal
 import functools
 import http
 import json
-import logging
-import os
 import pathlib
 import re
 import signal
-import sys
 import threading
 import uuid
 from typing import Any, Mapping
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import falcon
 import jsonschema
@@ -28,113 +27,20 @@ import psycopg
 import psycopg.errors
 import psycopg_pool
 import simplejson
+import structlog
 import waitress.channel
 import waitress.server
-import waitress.utilities
+import waitress.task
 import yaml
 
-log = logging.getLogger("clinic")
+from config import CENTS
+from db import SCHEMA_PRESENT
+from telemetry import REQUEST_ID_HEADER, Metrics, MetricsResource, RequestTelemetry, request_id_from
+
+log = structlog.get_logger("clinic.web")
 
 HERE = pathlib.Path(__file__).resolve().parent
 MAX_BODY_BYTES = 64 * 1024
-# Largest value a NUMERIC(12,2) column holds.
-MAX_MONEY = decimal.Decimal("9999999999.99")
-CENTS = decimal.Decimal("0.01")
-
-
-class ConfigError(Exception):
-    """A setting in the environment is missing or malformed; the message names the variable."""
-
-
-def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = env.get(name, "").strip() or str(default)
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
-    return value
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """The settings of both services; the defaults here are the documented ones."""
-
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
-    appointments_port: int = 8080
-    billing_port: int = 8081
-    hourly_rate: decimal.Decimal = decimal.Decimal("200.00")
-    timezone: ZoneInfo = ZoneInfo("UTC")
-    poll_seconds: float = 10.0
-    batch_size: int = 500
-    max_attempts: int = 10
-    log_level: str = "INFO"
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
-        env = os.environ if env is None else env
-        rate_raw = env.get("HOURLY_RATE", "").strip() or str(cls.hourly_rate)
-        try:
-            rate = decimal.Decimal(rate_raw)
-        except decimal.InvalidOperation:
-            raise ConfigError(f"HOURLY_RATE must be a decimal amount like 200.00, got {rate_raw!r}") from None
-        if not rate.is_finite() or rate < 0 or rate > MAX_MONEY or rate != rate.quantize(CENTS):
-            raise ConfigError(f"HOURLY_RATE must be between 0.00 and {MAX_MONEY} with at most two decimals, got {rate_raw!r}")
-        tz_raw = env.get("APP_TIMEZONE", "").strip() or cls.timezone.key
-        try:
-            tz = ZoneInfo(tz_raw)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ConfigError(f"APP_TIMEZONE must be an IANA time zone such as America/Sao_Paulo, got {tz_raw!r}") from None
-        poll_raw = env.get("BILLING_POLL_SECONDS", "").strip() or str(cls.poll_seconds)
-        try:
-            poll = float(poll_raw)
-        except ValueError:
-            poll = -1.0
-        if not 0.05 <= poll <= 3600:
-            raise ConfigError(f"BILLING_POLL_SECONDS must be a number of seconds from 0.05 to 3600, got {poll_raw!r}")
-        level = env.get("LOG_LEVEL", "").strip().upper() or cls.log_level
-        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
-        return cls(
-            database_url=env.get("DATABASE_URL", "").strip() or cls.database_url,
-            appointments_port=_int(env, "APPOINTMENTS_PORT", cls.appointments_port, 1, 65535),
-            billing_port=_int(env, "BILLING_PORT", cls.billing_port, 1, 65535),
-            hourly_rate=rate.quantize(CENTS),
-            timezone=tz,
-            poll_seconds=poll,
-            batch_size=_int(env, "BILLING_BATCH_SIZE", cls.batch_size, 1, 10000),
-            max_attempts=_int(env, "BILLING_MAX_ATTEMPTS", cls.max_attempts, 1, 1000),
-            log_level=level,
-        )
-
-
-def load_config_or_exit() -> Config:
-    try:
-        return Config.from_env()
-    except ConfigError as exc:
-        sys.exit(f"configuration error: {exc}")
-
-
-def make_pool(config: Config, name: str, max_size: int = 10, **session: str) -> psycopg_pool.ConnectionPool:
-    """A pool that is not opened yet (no I/O here); the caller opens it.
-
-    ``check`` tests each connection before handing it out, so a PostgreSQL restart costs the
-    requests in flight at that moment and nothing after. ``session`` holds server settings for
-    every connection (e.g. idle_in_transaction_session_timeout).
-    """
-    options = " ".join(f"-c {key}={value}" for key, value in session.items())
-    return psycopg_pool.ConnectionPool(
-        config.database_url,
-        # min < max so that a pool that gave up reconnecting after a long outage grows again.
-        min_size=1,
-        max_size=max_size,
-        kwargs={"autocommit": True, "application_name": name, "options": options, "connect_timeout": 5},
-        check=psycopg_pool.ConnectionPool.check_connection,
-        timeout=5,
-        open=False,
-        name=name,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,47 +57,50 @@ class Problem(Exception):
         self.headers = dict(headers or {})
 
 
-def problem_body(status: int, detail: str | None) -> dict[str, Any]:
+def problem_body(status: int, detail: str | None, request_id: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"type": "about:blank", "title": http.HTTPStatus(status).phrase, "status": status}
     if detail:
         body["detail"] = detail
+    if request_id:
+        body["request_id"] = request_id
     return body
 
 
-def _render(resp: falcon.Response, status: int, detail: str | None, headers: Mapping[str, str] | None = None) -> None:
+def _render(req, resp: falcon.Response, status: int, detail: str | None, headers: Mapping[str, str] | None = None) -> None:
     resp.status = status
     resp.content_type = "application/problem+json"
-    resp.text = json.dumps(problem_body(status, detail))
+    resp.text = json.dumps(problem_body(status, detail, getattr(req.context, "request_id", None)))
     for key, value in (headers or {}).items():
         resp.set_header(key, value)
 
 
 def _on_problem(req, resp, ex: Problem, params) -> None:
-    _render(resp, ex.status, ex.detail, ex.headers)
+    _render(req, resp, ex.status, ex.detail, ex.headers)
 
 
 def _on_database_unavailable(req, resp, ex: psycopg.OperationalError, params) -> None:
-    log.warning("database unavailable during %s %s: %s", req.method, req.path, ex)
-    _render(resp, 503, "the database is unavailable; retry shortly", {"Retry-After": "1"})
+    log.warning("database_unavailable", error=str(ex).strip())
+    _render(req, resp, 503, "the database is unavailable; retry shortly", {"Retry-After": "1"})
 
 
 def _on_database_not_ready(req, resp, ex: psycopg.Error, params) -> None:
     # The schema not applied yet, or a read-only server during a failover: the database is there
     # but cannot serve us, the same answer as /ready gives.
-    log.error("database not ready during %s %s: %s", req.method, req.path, ex)
-    _render(resp, 503, f"the database is not ready ({ex.__class__.__name__}); retry shortly", {"Retry-After": "5"})
+    log.error("database_not_ready", error=f"{ex.__class__.__name__}: {str(ex).strip()}")
+    _render(req, resp, 503, f"the database is not ready ({ex.__class__.__name__}); retry shortly", {"Retry-After": "5"})
 
 
 def _serialize_http_error(req, resp, ex: falcon.HTTPError) -> None:
     # Falcon's own errors (unknown route, wrong method, invalid query parameter) look like ours.
     named = {404: f"path: nothing at {req.path}", 405: f"method: {req.method} is not allowed on {req.path}"}
+    detail = ex.description or named.get(ex.status_code, ex.title)
     resp.content_type = "application/problem+json"
-    resp.text = json.dumps(problem_body(ex.status_code, ex.description or named.get(ex.status_code, ex.title)))
+    resp.text = json.dumps(problem_body(ex.status_code, detail, getattr(req.context, "request_id", None)))
 
 
 def _on_unexpected(req, resp, ex: Exception, params) -> None:
-    log.exception("unhandled error during %s %s", req.method, req.path)
-    _render(resp, 500, "internal error; it has been logged")
+    log.exception("unhandled_error")
+    _render(req, resp, 500, "internal error; it has been logged")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,13 +222,6 @@ def openapi_spec() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Resources both services expose.
 
-# Served by /ready: the tables both services use exist.
-SCHEMA_PRESENT = """
-SELECT to_regclass('appointments') IS NOT NULL
-   AND to_regclass('billing_queue') IS NOT NULL
-   AND to_regclass('billing_entries') IS NOT NULL AS ok
-"""
-
 
 class Health:
     """Liveness: the process answers; no database involved."""
@@ -353,9 +255,9 @@ class OpenApi:
     on_head = on_get
 
 
-def base_app(pool: psycopg_pool.ConnectionPool) -> falcon.App:
-    """A Falcon app with problem-details errors and the health, ready and openapi routes."""
-    app = falcon.App()
+def base_app(pool: psycopg_pool.ConnectionPool, metrics: Metrics) -> falcon.App:
+    """A Falcon app with request telemetry, problem-details errors and the routes both serve."""
+    app = falcon.App(middleware=[RequestTelemetry(metrics)])
     app.set_error_serializer(_serialize_http_error)
     app.add_error_handler(Exception, _on_unexpected)
     app.add_error_handler(psycopg.OperationalError, _on_database_unavailable)
@@ -363,41 +265,58 @@ def base_app(pool: psycopg_pool.ConnectionPool) -> falcon.App:
     app.add_error_handler(Problem, _on_problem)
     app.add_route("/health", Health())
     app.add_route("/ready", Ready(pool))
+    app.add_route("/metrics", MetricsResource(metrics.registry))
     app.add_route("/openapi.json", OpenApi())
     return app
 
 
 # ---------------------------------------------------------------------------------------------
-# Serving.
+# Serving: waitress, with its own error answers made to look like ours.
 
 
-def _waitress_problem_response(self, ident=None):
-    # Waitress answers some requests itself (a body over max_request_body_size is refused from its
-    # Content-Length, before it is read); render those as problem details too, like our own errors.
-    detail = f"body: over the limit of {MAX_BODY_BYTES} bytes" if self.code == 413 else self.body
-    body = json.dumps(problem_body(self.code, detail))
-    return f"{self.code} {self.reason}", [("Content-Type", "application/problem+json")], body.encode()
+class _ProblemErrorTask(waitress.task.ErrorTask):
+    """Waitress answers some requests itself, before the app sees them (a body over
+    max_request_body_size is refused from its Content-Length, before it is read): render those as
+    problem details with a request id too."""
+
+    def execute(self):
+        error = self.request.error
+        detail = f"body: over the limit of {MAX_BODY_BYTES} bytes" if error.code == 413 else error.body
+        # Header names as waitress's parser keeps them: upper case, '-' as '_'.
+        request_id = request_id_from(self.request.headers.get(REQUEST_ID_HEADER.upper().replace("-", "_")))
+        body = json.dumps(problem_body(error.code, detail, request_id)).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.extend([("Content-Type", "application/problem+json"), (REQUEST_ID_HEADER, request_id)])
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
 
 
-_send_continue = waitress.channel.HTTPChannel.send_continue
+class _Channel(waitress.channel.HTTPChannel):
+    error_task_class = _ProblemErrorTask
 
-
-def _continue_unless_refused(self):
-    # waitress would invite the upload (100 Continue) of a body it already refused from its
-    # Content-Length, and then not answer until the body came: let the 413 go out now instead.
-    if self.request.error is not None:
-        self.request.expect_continue = False
-        return
-    _send_continue(self)
+    def send_continue(self):
+        # waitress would invite the upload (100 Continue) of a body it already refused from its
+        # Content-Length, and then not answer until the body came: let the 413 go out now instead.
+        if self.request.error is not None:
+            self.request.expect_continue = False
+            return
+        super().send_continue()
 
 
 def make_server(app, port: int, host: str = "0.0.0.0", threads: int = 8):
-    waitress.utilities.Error.to_response = _waitress_problem_response
-    waitress.channel.HTTPChannel.send_continue = _continue_unless_refused
     # waitress compares with >=, so +1 lets a body of exactly MAX_BODY_BYTES through.
-    return waitress.server.create_server(
+    server = waitress.server.create_server(
         app, host=host, port=port, threads=threads, max_request_body_size=MAX_BODY_BYTES + 1, ident="clinic-billing"
     )
+    server.channel_class = _Channel  # the server's hook for its connection class
+    return server
+
+
+def serve_in_thread(server) -> threading.Thread:
+    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    thread.start()
+    return thread
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -413,37 +332,8 @@ def on_stop_signals(callback) -> None:
         # shutdown the first began.
         received.append(signum)
         if len(received) == 1:
-            log.info("%s received, stopping", signal.Signals(signum).name)
+            log.info("stop_requested", signal=signal.Signals(signum).name)
             callback()
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, handler)
-
-
-def serve_in_thread(server) -> threading.Thread:
-    thread = threading.Thread(target=server.run, name="http", daemon=True)
-    thread.start()
-    return thread
-
-
-def apply_schema(database_url: str) -> None:
-    """schema.sql as one simple-protocol query: one implicit transaction, all or nothing, and
-    idempotent, so it is safe against a live database."""
-    with psycopg.connect(database_url, autocommit=True, connect_timeout=10) as conn:
-        conn.execute((HERE / "schema.sql").read_text(encoding="utf-8"))
-
-
-def setup_logging(config: Config) -> None:
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-
-
-if __name__ == "__main__":
-    # python common.py apply-schema: what `make schema` and the compose `migrate` service run.
-    if sys.argv[1:] != ["apply-schema"]:
-        sys.exit("usage: python common.py apply-schema   (applies schema.sql to DATABASE_URL)")
-    apply_schema(load_config_or_exit().database_url)
-    print("schema.sql applied")

@@ -1,0 +1,101 @@
+"""Configuration: the one place that reads the environment (12-factor), and the money constants.
+
+``Config.from_env`` turns environment variables into a frozen ``Config``; everything else is
+handed a ``Config``. Tests build one directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import decimal
+import os
+import sys
+from typing import Mapping
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+# Largest value a NUMERIC(12,2) column holds.
+MAX_MONEY = decimal.Decimal("9999999999.99")
+CENTS = decimal.Decimal("0.01")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("json", "console")
+
+
+class ConfigError(Exception):
+    """A setting in the environment is missing or malformed; the message names the variable."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "").strip() or str(default)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...], fold=str.lower) -> str:
+    value = fold(env.get(name, "").strip()) or default
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The settings of both services; the defaults here are the documented ones."""
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    appointments_port: int = 8080
+    billing_port: int = 8081
+    hourly_rate: decimal.Decimal = decimal.Decimal("200.00")
+    timezone: ZoneInfo = ZoneInfo("UTC")
+    poll_seconds: float = 10.0
+    batch_size: int = 500
+    max_attempts: int = 10
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if env is None else env
+        rate_raw = env.get("HOURLY_RATE", "").strip() or str(cls.hourly_rate)
+        try:
+            rate = decimal.Decimal(rate_raw)
+        except decimal.InvalidOperation:
+            raise ConfigError(f"HOURLY_RATE must be a decimal amount like 200.00, got {rate_raw!r}") from None
+        if not rate.is_finite() or rate < 0 or rate > MAX_MONEY or rate != rate.quantize(CENTS):
+            raise ConfigError(f"HOURLY_RATE must be between 0.00 and {MAX_MONEY} with at most two decimals, got {rate_raw!r}")
+        tz_raw = env.get("APP_TIMEZONE", "").strip() or cls.timezone.key
+        try:
+            tz = ZoneInfo(tz_raw)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"APP_TIMEZONE must be an IANA time zone such as America/Sao_Paulo, got {tz_raw!r}") from None
+        poll_raw = env.get("BILLING_POLL_SECONDS", "").strip() or str(cls.poll_seconds)
+        try:
+            poll = float(poll_raw)
+        except ValueError:
+            poll = -1.0
+        if not 0.05 <= poll <= 3600:
+            raise ConfigError(f"BILLING_POLL_SECONDS must be a number of seconds from 0.05 to 3600, got {poll_raw!r}")
+        return cls(
+            database_url=env.get("DATABASE_URL", "").strip() or cls.database_url,
+            appointments_port=_int(env, "APPOINTMENTS_PORT", cls.appointments_port, 1, 65535),
+            billing_port=_int(env, "BILLING_PORT", cls.billing_port, 1, 65535),
+            hourly_rate=rate.quantize(CENTS),
+            timezone=tz,
+            poll_seconds=poll,
+            batch_size=_int(env, "BILLING_BATCH_SIZE", cls.batch_size, 1, 10000),
+            max_attempts=_int(env, "BILLING_MAX_ATTEMPTS", cls.max_attempts, 1, 1000),
+            log_level=_choice(env, "LOG_LEVEL", cls.log_level, LOG_LEVELS, fold=str.upper),
+            log_format=_choice(env, "LOG_FORMAT", cls.log_format, LOG_FORMATS),
+        )
+
+
+def load_config_or_exit() -> Config:
+    try:
+        return Config.from_env()
+    except ConfigError as exc:
+        sys.exit(f"configuration error: {exc}")

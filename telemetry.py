@@ -1,0 +1,263 @@
+"""Telemetry: JSON logs, Prometheus metrics, and the Falcon middleware that feeds both per request.
+
+- ``setup_logging`` makes every log line, ours and the libraries', one JSON object on stderr
+  (``LOG_FORMAT=console`` for a person at a terminal), with ``ts``, ``level``, ``service``,
+  ``event`` and, inside a request, its ``request_id``.
+- ``ApiMetrics`` and ``WorkerMetrics`` hold one service's metrics in a registry of its own (so a
+  test can build many apps in one process); ``/metrics`` serves it (``MetricsResource``).
+- ``QueueCollector`` reads the billing queue's gauges from the database at scrape time.
+- ``RequestTelemetry`` gives every request its id, one log line and its HTTP metrics.
+
+Every metric name starts with ``clinic_``; docs/operations.md says what each one means.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+import time
+import uuid
+
+import falcon
+import prometheus_client as prom
+import psycopg
+import psycopg_pool
+import structlog
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = structlog.get_logger("clinic.http")
+
+# Counters without their *_created twins: half the series, and nothing here needs them.
+prom.disable_created_metrics()
+
+# ---------------------------------------------------------------------------------------------
+# Logs.
+
+
+def setup_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
+    """Routes structlog and stdlib logging (waitress, psycopg's pool) through one renderer."""
+
+    def add_service(logger, method_name, event_dict):
+        event_dict.setdefault("service", service)
+        return event_dict
+
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+        add_service,
+    ]
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        tail = [renderer]
+    else:
+        tail = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(default=str)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)
+
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_from(header: str | None) -> str:
+    """The caller's X-Request-ID when it is 1-128 of [A-Za-z0-9._:-], else a new UUID."""
+    if header is not None and _REQUEST_ID.fullmatch(header):
+        return header
+    return str(uuid.uuid4())
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics.
+
+# 1 ms to 5 s: an end is a few ms; the alert on the API's p99 sits at 250 ms.
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """One service's registry: process metrics, the HTTP metrics and the queue's gauges."""
+
+    def __init__(self, service: str, pool: psycopg_pool.ConnectionPool | None = None):
+        self.service = service
+        self.registry = prom.CollectorRegistry(auto_describe=True)
+        prom.ProcessCollector(registry=self.registry)
+        prom.PlatformCollector(registry=self.registry)
+        prom.GCCollector(registry=self.registry)
+        self.http_requests = prom.Counter(
+            "clinic_http_requests", "HTTP requests answered, by route template and status.",
+            ["service", "route", "method", "status"], registry=self.registry,
+        )
+        self.http_duration = prom.Histogram(
+            "clinic_http_request_duration_seconds", "Time from the request reaching the app to its response.",
+            ["service", "route", "method"], buckets=HTTP_BUCKETS, registry=self.registry,
+        )
+        if pool is not None:
+            self.registry.register(QueueCollector(pool))
+
+
+class ApiMetrics(Metrics):
+    def __init__(self, pool: psycopg_pool.ConnectionPool | None = None):
+        super().__init__("appointments", pool)
+        self.appointments_started = prom.Counter(
+            "clinic_appointments_started", "Appointments started (not repeats of a start).", registry=self.registry
+        )
+        self.appointments_ended = prom.Counter(
+            "clinic_appointments_ended", "Appointments ended, each queueing one charge (not repeats).", registry=self.registry
+        )
+
+
+class WorkerMetrics(Metrics):
+    CHARGE_OUTCOMES = ("billed", "retried", "failed")
+    WAKE_REASONS = ("notify", "poll", "listen")
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool | None = None, poll_seconds: float | None = None):
+        super().__init__("billing-worker", pool)
+        r = self.registry
+        self.charges = prom.Counter("clinic_billing_charges", "What this worker did to charges.", ["outcome"], registry=r)
+        self.batch_duration = prom.Histogram(
+            "clinic_billing_batch_duration_seconds", "One claim-and-bill transaction.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.wakeups = prom.Counter("clinic_billing_wakeups", "Why a billing pass started.", ["reason"], registry=r)
+        self.last_pass = prom.Gauge(
+            "clinic_billing_last_pass_timestamp_seconds", "When this worker last finished a batch or pass without error.", registry=r
+        )
+        self.poll_interval = prom.Gauge(
+            "clinic_billing_poll_interval_seconds", "BILLING_POLL_SECONDS: the longest wait between passes.", registry=r
+        )
+        # Every label value from the start, so that rate() sees the first increment.
+        for outcome in self.CHARGE_OUTCOMES:
+            self.charges.labels(outcome)
+        for reason in self.WAKE_REASONS:
+            self.wakeups.labels(reason)
+        if poll_seconds is not None:
+            self.poll_interval.set(poll_seconds)
+
+
+# Index-served however large the ledger grows: billing_queue_due gives the pending count and the
+# oldest due row (the min of its first column), billing_queue_failed the failed count; billed
+# rows, nearly all of them, are in neither index.
+QUEUE_STATS = """
+SELECT (SELECT count(*) FROM billing_queue WHERE status = 'pending') AS pending,
+       (SELECT count(*) FROM billing_queue WHERE status = 'failed') AS failed,
+       coalesce((SELECT extract(epoch FROM now() - min(available_at))
+                 FROM billing_queue WHERE status = 'pending' AND available_at <= now()), 0) AS oldest_due_age
+"""
+
+
+class QueueCollector(Collector):
+    """The queue's gauges and clinic_db_up, read at scrape time and kept for ``max_age`` seconds
+    so that many scrapers cost one query."""
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool, max_age: float = 1.0):
+        self._pool = pool
+        self._max_age = max_age
+        self._lock = threading.Lock()
+        self._read_at = float("-inf")
+        self._stats: tuple | None = None
+
+    def _stats_now(self) -> tuple | None:
+        with self._lock:
+            if time.monotonic() - self._read_at >= self._max_age:
+                self._stats = self._query()
+                self._read_at = time.monotonic()
+            return self._stats
+
+    def _query(self) -> tuple | None:
+        try:
+            with self._pool.connection(timeout=1) as conn, conn.transaction():
+                conn.execute("SET LOCAL statement_timeout = '2s'")
+                return conn.execute(QUEUE_STATS).fetchone()
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            log.warning("metrics_database_query_failed", error=f"{exc.__class__.__name__}: {str(exc).strip()}")
+            return None
+
+    def describe(self):
+        return []  # dynamic: describing would cost a query at registration
+
+    def collect(self):
+        stats = self._stats_now()
+        yield GaugeMetricFamily("clinic_db_up", "1 when this scrape's database query worked, else 0.", value=int(stats is not None))
+        if stats is None:
+            return
+        pending, failed, oldest = stats
+        rows = GaugeMetricFamily("clinic_billing_queue_rows", "Charges in the queue by status.", labels=["status"])
+        rows.add_metric(["pending"], pending)
+        rows.add_metric(["failed"], failed)
+        yield rows
+        yield GaugeMetricFamily(
+            "clinic_billing_oldest_pending_age_seconds", "How long the oldest due pending charge has been due; 0 when none.",
+            value=float(oldest),
+        )
+
+
+class MetricsResource:
+    """/metrics: the Prometheus text format; no token, no personal data."""
+
+    def __init__(self, registry: prom.CollectorRegistry):
+        self._registry = registry
+
+    def on_get(self, req, resp):
+        resp.content_type = prom.CONTENT_TYPE_LATEST
+        resp.data = prom.generate_latest(self._registry)
+
+    on_head = on_get
+
+
+# ---------------------------------------------------------------------------------------------
+# The middleware.
+
+
+class RequestTelemetry:
+    """Falcon middleware: a request id, one log line and the HTTP metrics for every request."""
+
+    # Probes and scrapes come every few seconds; their lines would drown the rest at INFO.
+    QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+
+    def process_request(self, req, resp):
+        req.context.started = time.perf_counter()
+        req.context.request_id = request_id_from(req.get_header(REQUEST_ID_HEADER))
+        # waitress reuses its threads: each request starts with only its own context.
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=req.context.request_id)
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        elapsed = time.perf_counter() - req.context.started
+        resp.set_header(REQUEST_ID_HEADER, req.context.request_id)
+        # Label values from a closed set: the URI template, never a raw path with its ids.
+        route = req.uri_template or "unmatched"
+        method = req.method if req.method in falcon.COMBINED_METHODS else "other"
+        status = resp.status_code
+        m = self._metrics
+        m.http_requests.labels(m.service, route, method, str(status)).inc()
+        m.http_duration.labels(m.service, route, method).observe(elapsed)
+        level = logging.DEBUG if route in self.QUIET_ROUTES and status < 400 else logging.INFO
+        log.log(level, "request", method=req.method, route=route, path=req.path, status=status,
+                duration_ms=round(elapsed * 1000, 3))
+        structlog.contextvars.clear_contextvars()
