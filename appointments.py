@@ -18,7 +18,7 @@ from psycopg.rows import dict_row
 
 from config import CENTS, MAX_MONEY, Config, load_config_or_exit
 from db import make_pool
-from telemetry import ApiMetrics, setup_logging
+from telemetry import ApiMetrics, get_logger, setup_logging
 from web import (
     Problem,
     SchemaValidator,
@@ -32,6 +32,8 @@ from web import (
     read_json_object,
     send,
 )
+
+log = get_logger("clinic.appointments")
 
 # ---------------------------------------------------------------------------------------------
 # Functional core: pricing, parsing and the end decision, no I/O.
@@ -295,7 +297,9 @@ def main() -> None:
         pool = make_pool(config, "appointments")
         try:
             pool.open(wait=False)  # serve /health and 503s while the database is still coming up
-            make_server(create_app(config, pool), config.appointments_port).run()
+            server = make_server(create_app(config, pool), config.appointments_port)
+            log.info("appointments_api_up", port=config.appointments_port)
+            server.run()
         finally:
             pool.close()
     except KeyboardInterrupt:

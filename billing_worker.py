@@ -24,17 +24,14 @@ import time
 import falcon
 import psycopg
 import psycopg_pool
-import structlog
 from psycopg.rows import dict_row
 
 from config import Config, load_config_or_exit
 from db import make_pool
-from telemetry import WorkerMetrics, setup_logging
+from telemetry import WorkerMetrics, get_logger, setup_logging
 from web import Problem, base_app, format_timestamp, make_server, money, on_stop_signals, parse_uuid, send, serve_in_thread
 
-log = structlog.get_logger("clinic.billing")
-# What the per-charge DEBUG lines ask before they loop (structlog renders through this logger).
-_debug_enabled = logging.getLogger("clinic.billing").isEnabledFor
+log = get_logger("clinic.billing")
 
 CHANNEL = "billing_queue"
 # A worker frozen inside a transaction (SIGSTOP, a stuck VM) loses its session after this long,
@@ -190,7 +187,7 @@ class Biller:
             with conn.transaction():
                 billed = conn.execute(CLAIM_AND_BILL, {"batch_size": self._batch_size}).fetchall()
             claimed, tally = len(billed), Tally(billed=len(billed))
-            if _debug_enabled(logging.DEBUG):
+            if log.is_enabled_for(logging.DEBUG):
                 for appointment_id, request_id in billed:
                     log.debug("charge_billed", appointment_id=str(appointment_id), request_id=request_id)
         except psycopg.Error as exc:

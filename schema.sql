@@ -56,19 +56,6 @@ CREATE TABLE IF NOT EXISTS billing_queue (
     CONSTRAINT billing_queue_processed_iff_billed CHECK ((status = 'billed') = (processed_at IS NOT NULL))
 );
 
--- The X-Request-ID of the request that ended the appointment: the worker logs it with the charge,
--- so one id follows an appointment from the HTTP request to the ledger. NULL for rows queued
--- before this column existed. Added as a nullable column without a default: on a live table that
--- is a catalog change only, no rewrite. Its CHECK is added NOT VALID, which checks every new row
--- without scanning the old ones (all NULL, which passes anyway).
-ALTER TABLE billing_queue ADD COLUMN IF NOT EXISTS request_id text;
-DO $$ BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'billing_queue_request_id_shape') THEN
-        ALTER TABLE billing_queue ADD CONSTRAINT billing_queue_request_id_shape
-            CHECK (request_id ~ '^[A-Za-z0-9._:-]{1,128}$') NOT VALID;
-    END IF;
-END $$;
-
 -- Serves the worker's claim (CLAIM_AND_BILL / CLAIM in billing_worker.py):
 --   WHERE status = 'pending' AND available_at <= now() ORDER BY available_at, appointment_id
 -- Partial, so billed rows (almost all of them, in time) cost nothing here. Also serves the
@@ -82,6 +69,24 @@ CREATE INDEX IF NOT EXISTS billing_queue_due
 CREATE INDEX IF NOT EXISTS billing_queue_failed
     ON billing_queue (appointment_id)
     WHERE status = 'failed';
+
+-- The X-Request-ID of the request that ended the appointment: the worker logs it with the charge,
+-- so one id follows an appointment from the HTTP request to the ledger. NULL for rows queued
+-- before this column existed. On a live table: the column is nullable without a default, a
+-- catalog change with no rewrite, and its CHECK is NOT VALID, which checks every new row without
+-- scanning the old ones (all NULL, which passes anyway). Guarded by a look at the catalog, because
+-- ALTER TABLE takes its exclusive lock before IF NOT EXISTS would find the column there; placed
+-- after the indexes, so the first run holds that lock (to its commit) only for an instant.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'billing_queue'::regclass AND attname = 'request_id' AND NOT attisdropped) THEN
+        ALTER TABLE billing_queue ADD COLUMN request_id text;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'billing_queue_request_id_shape') THEN
+        ALTER TABLE billing_queue ADD CONSTRAINT billing_queue_request_id_shape
+            CHECK (request_id ~ '^[A-Za-z0-9._:-]{1,128}$') NOT VALID;
+    END IF;
+END $$;
 
 -- The billing service's ledger: exactly one charge per appointment, enforced here as well as by
 -- the worker's claim.

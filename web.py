@@ -27,7 +27,6 @@ import psycopg
 import psycopg.errors
 import psycopg_pool
 import simplejson
-import structlog
 import waitress.channel
 import waitress.server
 import waitress.task
@@ -35,9 +34,9 @@ import yaml
 
 from config import CENTS
 from db import SCHEMA_PRESENT
-from telemetry import REQUEST_ID_HEADER, Metrics, MetricsResource, RequestTelemetry, request_id_from
+from telemetry import REQUEST_ID_HEADER, Metrics, MetricsResource, RequestTelemetry, get_logger, request_id_from
 
-log = structlog.get_logger("clinic.web")
+log = get_logger("clinic.web")
 
 HERE = pathlib.Path(__file__).resolve().parent
 MAX_BODY_BYTES = 64 * 1024
