@@ -52,7 +52,7 @@ APPOINTMENTS_PORT, BILLING_PORT = 8080, 8081  # inside the containers
 # Every variable docker-compose.yml reads: taken out of the inherited environment (a developer's
 # shell must not change what the test runs) and set in the test's own env file.
 COMPOSE_VARS = re.compile(
-    r"POSTGRES_\w+|APPOINTMENTS_\w+|BILLING_\w+|HOURLY_RATE|APP_TIMEZONE|LOG_LEVEL|PUBLISH_IP"
+    r"POSTGRES_\w+|APPOINTMENTS_\w+|BILLING_\w+|HOURLY_RATE|APP_TIMEZONE|LOG_LEVEL|LOG_FORMAT|PUBLISH_IP"
     r"|CLINIC_BILLING_IMAGE|COMPOSE_PROJECT_NAME|COMPOSE_FILE|COMPOSE_PROFILES"
 )
 CENTS = decimal.Decimal("0.01")

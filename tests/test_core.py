@@ -205,6 +205,7 @@ def test_config_defaults_match_the_documentation():
         ("BILLING_BATCH_SIZE", "0"),
         ("BILLING_MAX_ATTEMPTS", "x"),
         ("LOG_LEVEL", "LOUD"),
+        ("LOG_FORMAT", "xml"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_the_variable(name, value):

@@ -1,0 +1,130 @@
+"""A real Prometheus (the Debian package) scraping both running services with
+deploy/prometheus/prometheus.yml and evaluating deploy/prometheus/alerts.yml.
+
+The only changes to the shipped config: targets point at this test's loopback ports, and scrapes
+and rule evaluations run every second instead of every 15.
+"""
+
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from support import ROOT, free_port, wait_until
+
+DEPLOY = ROOT / "deploy" / "prometheus"
+
+
+@pytest.fixture
+def prometheus_binary():
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if os.environ.get("REQUIRE_PROMETHEUS") == "1":
+            pytest.fail("prometheus is not installed (apt-get install prometheus) and REQUIRE_PROMETHEUS=1")
+        pytest.skip("prometheus is not installed: apt-get install prometheus")
+    return binary
+
+
+def shipped_config_pointed_at(targets: dict[str, str]) -> dict:
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(DEPLOY / "alerts.yml")]
+    for job in config["scrape_configs"]:
+        (static,) = job["static_configs"]
+        static["targets"] = [targets[job["job_name"]]]
+    return config
+
+
+class Prometheus:
+    def __init__(self, binary: str, config: dict):
+        self.dir = Path(tempfile.mkdtemp(prefix="clinic-prometheus-"))
+        (self.dir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = open(self.dir / "prometheus.log", "wb")
+        self.popen = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={self.dir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.dir / 'data'}",
+                f"--web.listen-address={self.url.removeprefix('http://')}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def ready(self) -> bool:
+        if self.popen.poll() is not None:
+            raise AssertionError(f"prometheus exited: {(self.dir / 'prometheus.log').read_text()[-3000:]}")
+        try:
+            return requests.get(self.url + "/-/ready", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def query(self, promql: str) -> list[dict]:
+        body = requests.get(self.url + "/api/v1/query", params={"query": promql}, timeout=5).json()
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def scalar(self, promql: str) -> float | None:
+        result = self.query(promql)
+        return float(result[0]["value"][1]) if result else None
+
+    def alert_state(self, name: str) -> str | None:
+        alerts = requests.get(self.url + "/api/v1/alerts", timeout=5).json()["data"]["alerts"]
+        return next((a["state"] for a in alerts if a["labels"]["alertname"] == name), None)
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        try:
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(timeout=5)
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def test_prometheus_scrapes_both_services_and_fires_the_pending_age_alert(prometheus_binary, services, db_url, db):
+    api = services("appointments.py", db_url).wait_healthy()
+    worker = services("billing_worker.py", db_url).wait_healthy()
+    prometheus = Prometheus(prometheus_binary, shipped_config_pointed_at({
+        "clinic-appointments": api.base_url.removeprefix("http://"),
+        "clinic-billing": worker.base_url.removeprefix("http://"),
+    }))
+    try:
+        wait_until(prometheus.ready, 30, interval=0.2, what="prometheus /-/ready")
+        wait_until(lambda: prometheus.scalar("sum(up)") == 2, 30, interval=0.2, what="both targets up")
+
+        ended = []
+        for _ in range(3):
+            start = requests.post(api.base_url + "/appointments", json={"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4())}, timeout=5)
+            requests.post(f"{api.base_url}/appointments/{start.json()['id']}/end", timeout=5).raise_for_status()
+            ended.append(start.json()["id"])
+        wait_until(lambda: db.execute("SELECT count(*) AS n FROM billing_entries").fetchone()["n"] == 3, 15, what="3 charges billed")
+
+        # What Prometheus saw is what the database says.
+        billed = lambda: prometheus.scalar('sum(clinic_billing_charges_total{outcome="billed"})')  # noqa: E731
+        wait_until(lambda: billed() == 3, 15, interval=0.2, what="clinic_billing_charges_total = 3 in prometheus")
+        assert prometheus.scalar("sum(clinic_appointments_ended_total)") == 3
+        assert prometheus.scalar('max(clinic_billing_queue_rows{status="pending"})') == 0
+        assert prometheus.scalar("max(clinic_billing_oldest_pending_age_seconds)") == 0
+        assert prometheus.alert_state("ClinicChargePendingTooLong") is None
+
+        # Billing down, an end waiting: the gauge (the API exports it too) and then the alert.
+        worker.stop()
+        start = requests.post(api.base_url + "/appointments", json={"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4())}, timeout=5)
+        requests.post(f"{api.base_url}/appointments/{start.json()['id']}/end", timeout=5).raise_for_status()
+        # Two minutes of waiting without waiting two minutes: the charge became due 120 s ago.
+        db.execute("UPDATE billing_queue SET available_at = now() - interval '120 seconds' WHERE status = 'pending'")
+        oldest = lambda: prometheus.scalar("max(clinic_billing_oldest_pending_age_seconds)") or 0  # noqa: E731
+        wait_until(lambda: oldest() >= 120, 15, interval=0.2, what="the pending age in prometheus")
+        assert prometheus.scalar('max(clinic_billing_queue_rows{status="pending"})') == 1
+        wait_until(lambda: prometheus.alert_state("ClinicChargePendingTooLong") == "firing", 15, interval=0.2, what="the alert firing")
+    finally:
+        prometheus.stop()
