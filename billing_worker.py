@@ -143,6 +143,18 @@ RECONCILE_CHECKS = {
         FROM billing_entries e LEFT JOIN appointments a ON a.id = e.appointment_id
         WHERE a.end_date IS NULL
         ORDER BY e.appointment_id""",
+    # Queued for an appointment that is not ended: it would be billed without an end.
+    "queued_without_ended_appointment": """
+        SELECT q.appointment_id, q.status, q.total_price
+        FROM billing_queue q JOIN appointments a ON a.id = q.appointment_id
+        WHERE a.end_date IS NULL
+        ORDER BY q.appointment_id""",
+    # Billed, yet still pending or failed: counted twice, and billed again would be refused.
+    "entry_not_marked_billed": """
+        SELECT q.appointment_id, q.status, e.total_price
+        FROM billing_queue q JOIN billing_entries e ON e.appointment_id = q.appointment_id
+        WHERE q.status <> 'billed'
+        ORDER BY q.appointment_id""",
 }
 
 
@@ -267,7 +279,7 @@ class Biller:
             report = {"counts": cur.execute(RECONCILE_COUNTS).fetchone()}
             for name, query in RECONCILE_CHECKS.items():
                 rows = cur.execute(query).fetchall()
-                report[name] = [{k: str(v) for k, v in r.items()} for r in rows]
+                report[name] = [{k: None if v is None else str(v) for k, v in r.items()} for r in rows]
         return report
 
 
@@ -414,7 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     on_stop_signals(lambda: threading.Thread(target=stop.set).start())
     config = load_config_or_exit()
     setup_logging("billing-worker", config.log_level, config.log_format)
-    pool = make_pool(config, "billing-worker", max_size=4, **WORKER_SESSION)
+    if args.command == "reconcile":
+        # Whole-table reads with no statement_timeout, on a connection of its own.
+        pool = make_pool(config, "billing-reconcile", max_size=1)
+    else:
+        pool = make_pool(config, "billing-worker", max_size=4, **WORKER_SESSION)
     metrics = WorkerMetrics(pool, config.poll_seconds)
     biller = Biller(pool, config.batch_size, config.max_attempts, metrics)
 
@@ -438,23 +454,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(command: str, biller: Biller, pool: psycopg_pool.ConnectionPool, stop: threading.Event) -> int:
     """requeue, reconcile or --once: prints one JSON object. Exit 0; 1 when reconcile found a
-    mismatch; 2 when the database is unavailable."""
+    mismatch; 2 when the database is unavailable or refused the work (nothing printed on stdout)."""
+    exit_code = 0
     try:
         pool.open(wait=True, timeout=10)
         if command == "requeue":
             result = {"requeued": biller.requeue()}
         elif command == "reconcile":
             result = biller.reconcile()
+            exit_code = 1 if any(result[name] for name in RECONCILE_CHECKS) else 0
         else:
             result = dataclasses.asdict(biller.drain(stop))
     except psycopg.OperationalError as exc:
         print(f"database unavailable: {exc}", file=sys.stderr)
         return 2
+    except psycopg.Error as exc:  # a missing table, a missing privilege
+        print(f"database error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 2
     finally:
         pool.close()
     print(json.dumps(result, indent=2 if command == "reconcile" else None))
-    mismatches = sum(len(result[name]) for name in RECONCILE_CHECKS) if command == "reconcile" else 0
-    return 1 if mismatches else 0
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from config import Config, load_config_or_exit
 
 HERE = pathlib.Path(__file__).resolve().parent
 
-# Served by /ready (and the metrics' clinic_db_up): the tables both services use exist.
+# Served by /ready: the tables both services use exist.
 SCHEMA_PRESENT = """
 SELECT to_regclass('appointments') IS NOT NULL
    AND to_regclass('billing_queue') IS NOT NULL

@@ -12,12 +12,13 @@
 -- Serialise concurrent runs of this file (two containers starting at once), so that two
 -- CREATE ... IF NOT EXISTS cannot race into a unique violation on the catalog. A session lock,
 -- never unlocked here: it goes with the session, after the commit whether the file runs
--- statement by statement (psql -f) or as one transaction (python common.py apply-schema).
+-- statement by statement (psql -f) or as one transaction (python db.py apply-schema).
 DO $$ BEGIN PERFORM pg_advisory_lock(hashtext('clinic-billing schema')); END $$;
 
--- Waiting behind a long transaction for a table lock would queue every request behind this file:
--- give up instead (the file is idempotent, so just run it again).
-SET lock_timeout = '10s';
+-- Waiting behind a long transaction for a table lock would queue every request behind this file
+-- (a lock request waits in line ahead of later ones): give up after a few seconds instead (the
+-- file is idempotent, so just run it again).
+SET lock_timeout = '3s';
 
 -- One row per appointment. Open while end_date IS NULL; ending it fills end_date and price and,
 -- in the same transaction, inserts its billing_queue row.
@@ -102,12 +103,14 @@ CREATE INDEX IF NOT EXISTS billing_entries_newest
 
 -- Where each appointment's money is, for people with psql:
 --   SELECT * FROM billing_status WHERE status <> 'billed' ORDER BY ended_at;
--- status: open (not ended), then the queue row's pending, billed or failed. billed_at is when the
--- worker wrote its billing entry; request_id that of the request that ended it.
+-- status: open (not ended), then the queue row's pending, billed or failed; 'missing' for an ended
+-- appointment without a queue row, which only a broken ledger has (reconcile lists those).
+-- billed_at is when the worker wrote its billing entry; request_id that of the request that ended it.
 CREATE OR REPLACE VIEW billing_status AS
 SELECT a.id                          AS appointment_id,
        a.price,
-       coalesce(q.status, 'open')    AS status,
+       CASE WHEN a.end_date IS NULL THEN 'open'
+            ELSE coalesce(q.status, 'missing') END AS status,
        a.end_date                    AS ended_at,
        q.processed_at                AS billed_at,
        coalesce(q.attempts, 0)       AS attempts,

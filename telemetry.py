@@ -219,7 +219,7 @@ class QueueCollector(Collector):
             with self._pool.connection(timeout=1) as conn, conn.transaction():
                 conn.execute("SET LOCAL statement_timeout = '2s'")
                 return conn.execute(QUEUE_STATS).fetchone()
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+        except psycopg.Error as exc:  # PoolTimeout too
             log.warning("metrics_database_query_failed", error=f"{exc.__class__.__name__}: {str(exc).strip()}")
             return None
 
@@ -272,8 +272,8 @@ class RequestTelemetry:
     def process_request(self, req, resp):
         req.context.started = time.perf_counter()
         req.context.request_id = request_id_from(req.get_header(REQUEST_ID_HEADER))
-        # Every line logged while serving this request carries its id; binding replaces the id of
-        # the request this waitress thread served before.
+        # Every line logged while serving this request carries its id (cleared at its end: waitress
+        # threads serve one request after another).
         structlog.contextvars.bind_contextvars(request_id=req.context.request_id)
 
     def process_response(self, req, resp, resource, req_succeeded):
@@ -293,5 +293,7 @@ class RequestTelemetry:
         series[0].inc()
         series[1].observe(elapsed)
         level = logging.DEBUG if route in self.QUIET_ROUTES and status < 400 else logging.INFO
-        log.log(level, "request", method=req.method, route=route, path=req.path, status=status,
-                duration_ms=round(elapsed * 1000, 3))
+        # The path only of a matched route (its ids): an unmatched one is whatever a client sent.
+        log.log(level, "request", method=req.method, route=route, path=req.path if req.uri_template else None,
+                status=status, duration_ms=round(elapsed * 1000, 3))
+        structlog.contextvars.clear_contextvars()

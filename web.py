@@ -331,7 +331,9 @@ def on_stop_signals(callback) -> None:
         # shutdown the first began.
         received.append(signum)
         if len(received) == 1:
-            log.info("stop_requested", signal=signal.Signals(signum).name)
+            # Logged from another thread: this handler may have interrupted the main thread while
+            # it held the log stream's (non-reentrant) lock.
+            threading.Thread(target=log.info, args=("stop_requested",), kwargs={"signal": signal.Signals(signum).name}).start()
             callback()
 
     for sig in STOP_SIGNALS:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import appointments  # noqa: E402
 import billing_worker  # noqa: E402
-from config import Config
+from config import Config  # noqa: E402
 from db import make_pool  # noqa: E402
 
 from support import (  # noqa: E402

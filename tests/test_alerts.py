@@ -79,8 +79,8 @@ def test_the_config_scrapes_the_jobs_the_alerts_name_and_loads_the_rules():
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert set(jobs) == {"clinic-appointments", "clinic-billing"}
     assert [len(jobs[name]["static_configs"]) for name in sorted(jobs)] == [1, 1]
-    rules_text = ALERTS.read_text()
-    assert all(name in rules_text for name in jobs)
+    expressions = " ".join(rule["expr"] for rule in alert_rules())
+    assert all(name in expressions for name in jobs)
 
 
 def test_every_alert_has_a_severity_a_one_line_summary_and_its_runbook_link():
@@ -126,8 +126,6 @@ def test_every_alert_has_a_unit_test_where_it_fires_and_one_where_it_stays_quiet
 
 def test_every_runbook_link_has_its_section_in_the_operations_guide():
     """docs/operations.md has a `### <AlertName>` heading for each alert, the runbook_url's anchor."""
-    if not OPERATIONS_GUIDE.exists():
-        pytest.skip("docs/operations.md does not exist yet")
     headings = set(re.findall(r"^###\s+(\S+)\s*$", OPERATIONS_GUIDE.read_text(), flags=re.MULTILINE))
     missing = [rule["alert"] for rule in alert_rules() if rule["alert"] not in headings]
     assert not missing, f"no `### <name>` section in docs/operations.md for: {missing}"

@@ -526,15 +526,16 @@ def test_4_three_workers_bill_a_backlog_exactly_once(stack):
 
 
 def billed_per_replica(stack) -> dict[str, int]:
-    """Entries billed by each worker container so far, from its "drained: {'billed': N, ...}" log
-    lines; waits until they add up to the ledger (a worker logs just after its commit)."""
+    """Entries billed by each worker container so far, from its JSON "batch" log lines (their
+    "billed" field); waits until they add up to the ledger (a worker logs just after its commit)."""
 
     def shares():
         out: dict[str, int] = {}
         for c in stack.containers("billing-worker"):
             logs = run(["docker", "logs", c["Id"]], timeout=60)
             name = c["Name"].lstrip("/")
-            out[name] = sum(int(n) for n in re.findall(r"drained: \{'billed': (\d+)", logs.stdout + logs.stderr))
+            lines = (json.loads(line) for line in (logs.stdout + logs.stderr).splitlines() if line.startswith("{"))
+            out[name] = sum(line.get("billed", 0) for line in lines if line.get("event") == "batch")
         ((entries,),) = stack.psql("SELECT count(*) FROM billing_entries")
         return out if sum(out.values()) == int(entries) else None
 

@@ -111,7 +111,7 @@ def test_prometheus_scrapes_both_services_and_fires_the_pending_age_alert(promet
         # What Prometheus saw is what the database says.
         billed = lambda: prometheus.scalar('sum(clinic_billing_charges_total{outcome="billed"})')  # noqa: E731
         wait_until(lambda: billed() == 3, 15, interval=0.2, what="clinic_billing_charges_total = 3 in prometheus")
-        assert prometheus.scalar("sum(clinic_appointments_ended_total)") == 3
+        wait_until(lambda: prometheus.scalar("sum(clinic_appointments_ended_total)") == 3, 15, interval=0.2, what="ends counted")
         assert prometheus.scalar('max(clinic_billing_queue_rows{status="pending"})') == 0
         assert prometheus.scalar("max(clinic_billing_oldest_pending_age_seconds)") == 0
         assert prometheus.alert_state("ClinicChargePendingTooLong") is None
