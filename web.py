@@ -92,9 +92,7 @@ def _on_database_not_ready(req, resp, ex: psycopg.Error, params) -> None:
 def _serialize_http_error(req, resp, ex: falcon.HTTPError) -> None:
     # Falcon's own errors (unknown route, wrong method, invalid query parameter) look like ours.
     named = {404: f"path: nothing at {req.path}", 405: f"method: {req.method} is not allowed on {req.path}"}
-    detail = ex.description or named.get(ex.status_code, ex.title)
-    resp.content_type = "application/problem+json"
-    resp.text = json.dumps(problem_body(ex.status_code, detail, getattr(req.context, "request_id", None)))
+    _render(req, resp, ex.status_code, ex.description or named.get(ex.status_code, ex.title))
 
 
 def _on_unexpected(req, resp, ex: Exception, params) -> None:
