@@ -16,6 +16,7 @@ import falcon
 import psycopg_pool
 from psycopg.rows import dict_row
 
+import auth
 from config import CENTS, MAX_MONEY, Config, load_config_or_exit
 from db import make_pool
 from telemetry import ApiMetrics, get_logger, setup_logging
@@ -279,7 +280,7 @@ class AppointmentEnd:
 def create_app(config: Config, pool: psycopg_pool.ConnectionPool, metrics: ApiMetrics | None = None) -> falcon.App:
     metrics = metrics or ApiMetrics(pool)
     store = AppointmentStore(pool)
-    app = base_app(pool, metrics)
+    app = base_app(pool, metrics, auth.guards(config.api_token_hashes))
     app.add_route("/appointments", Appointments(store, config, metrics))
     app.add_route("/appointments/{appointment_id}", Appointment(store, config))
     app.add_route("/appointments/{appointment_id}/end", AppointmentEnd(store, config, metrics))
@@ -294,6 +295,7 @@ def main() -> None:
         on_stop_signals(stop)  # first, so that even a SIGTERM during start-up exits cleanly
         config = load_config_or_exit()
         setup_logging("appointments", config.log_level, config.log_format)
+        auth.warn_if_open(log, config.api_token_hashes)
         pool = make_pool(config, "appointments")
         try:
             pool.open(wait=False)  # serve /health and 503s while the database is still coming up

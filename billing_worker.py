@@ -26,6 +26,7 @@ import psycopg
 import psycopg_pool
 from psycopg.rows import dict_row
 
+import auth
 from config import Config, load_config_or_exit
 from db import make_pool
 from telemetry import WorkerMetrics, get_logger, setup_logging
@@ -409,7 +410,7 @@ class BillingEntry:
 
 
 def create_app(config: Config, pool: psycopg_pool.ConnectionPool, metrics: WorkerMetrics | None = None) -> falcon.App:
-    app = base_app(pool, metrics or WorkerMetrics(pool, config.poll_seconds))
+    app = base_app(pool, metrics or WorkerMetrics(pool, config.poll_seconds), auth.guards(config.api_token_hashes))
     app.add_route("/billing-entries", BillingEntries(pool, config))
     app.add_route("/billing-entries/{appointment_id}", BillingEntry(pool, config))
     return app
@@ -442,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_in_thread(server)
     listener = Listener(config.database_url, stop)
     log.info("billing_worker_up", port=config.billing_port, poll_seconds=config.poll_seconds)
+    auth.warn_if_open(log, config.api_token_hashes)
     try:
         work(biller, listener, config.poll_seconds, stop, metrics)
     finally:

@@ -1,5 +1,7 @@
 """Configuration: the one place that reads the environment (12-factor), and the money constants.
 
+Bearer tokens are kept only as SHA-256 digests from here on (API_TOKENS, API_TOKENS_FILE).
+
 ``Config.from_env`` turns environment variables into a frozen ``Config``; everything else is
 handed a ``Config``. Tests build one directly.
 """
@@ -8,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import hashlib
 import os
+import re
 import sys
 from typing import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -16,6 +20,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 # Largest value a NUMERIC(12,2) column holds.
 MAX_MONEY = decimal.Decimal("9999999999.99")
 CENTS = decimal.Decimal("0.01")
+
+# RFC 6750's b64token: what may follow "Bearer " in an Authorization header.
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_HASHED_TOKEN = re.compile(r"sha256:([0-9a-fA-F]{64})")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("json", "console")
@@ -34,6 +42,37 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
     return value
+
+
+def _token_hashes(items, source: str) -> list[str]:
+    """Each item a token, or sha256:<64 hex> of one; returns the SHA-256 hex digests."""
+    hashes = []
+    for item in items:
+        item = item.strip()
+        if not item:
+            continue
+        hashed = _HASHED_TOKEN.fullmatch(item)
+        if hashed:
+            hashes.append(hashed.group(1).lower())
+        elif BEARER_TOKEN.fullmatch(item):
+            hashes.append(hashlib.sha256(item.encode()).hexdigest())
+        else:
+            # The item itself stays out of the message: it may be a secret with a typo.
+            raise ConfigError(f"{source}: an item is neither a bearer token (letters, digits and -._~+/) nor sha256:<64 hex>")
+    return hashes
+
+
+def _api_tokens(env: Mapping[str, str]) -> tuple[str, ...]:
+    hashes = _token_hashes(env.get("API_TOKENS", "").split(","), "API_TOKENS")
+    path = env.get("API_TOKENS_FILE", "").strip()
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"API_TOKENS_FILE: cannot read {path!r} ({exc.__class__.__name__})") from None
+        hashes += _token_hashes(lines, "API_TOKENS_FILE")
+    return tuple(dict.fromkeys(hashes))
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...], fold=str.lower) -> str:
@@ -57,6 +96,8 @@ class Config:
     max_attempts: int = 10
     log_level: str = "INFO"
     log_format: str = "json"
+    # SHA-256 hex digests of the accepted bearer tokens; empty: the service is open.
+    api_token_hashes: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -91,6 +132,7 @@ class Config:
             max_attempts=_int(env, "BILLING_MAX_ATTEMPTS", cls.max_attempts, 1, 1000),
             log_level=_choice(env, "LOG_LEVEL", cls.log_level, LOG_LEVELS, fold=str.upper),
             log_format=_choice(env, "LOG_FORMAT", cls.log_format, LOG_FORMATS),
+            api_token_hashes=_api_tokens(env),
         )
 
 

@@ -252,9 +252,10 @@ class OpenApi:
     on_head = on_get
 
 
-def base_app(pool: psycopg_pool.ConnectionPool, metrics: Metrics) -> falcon.App:
-    """A Falcon app with request telemetry, problem-details errors and the routes both serve."""
-    app = falcon.App(middleware=[RequestTelemetry(metrics)])
+def base_app(pool: psycopg_pool.ConnectionPool, metrics: Metrics, guards: list | None = None) -> falcon.App:
+    """A Falcon app with request telemetry, problem-details errors and the routes both serve.
+    ``guards`` is more middleware, run after the telemetry (so a refusal is logged and counted)."""
+    app = falcon.App(middleware=[RequestTelemetry(metrics), *(guards or [])])
     app.set_error_serializer(_serialize_http_error)
     app.add_error_handler(Exception, _on_unexpected)
     app.add_error_handler(psycopg.OperationalError, _on_database_unavailable)
@@ -301,11 +302,26 @@ class _Channel(waitress.channel.HTTPChannel):
         super().send_continue()
 
 
-def make_server(app, port: int, host: str = "0.0.0.0", threads: int = 8):
+# waitress's settings, chosen rather than inherited. An idle or slow connection costs waitress a
+# socket and a buffer but no thread (threads serve only requests that have fully arrived), so the
+# connection limit can be well above the thread count; past it waitress stops accepting, which is
+# what a slowloris client aims for. poll() instead of select(), whose 1,024-descriptor ceiling
+# would sit below that limit. An idle connection is closed after CHANNEL_TIMEOUT seconds.
+WAITRESS_SETTINGS = {
+    "connection_limit": 1000,
+    "channel_timeout": 30,
+    "cleanup_interval": 10,
+    "asyncore_use_poll": True,
+    # Our headers are a few hundred bytes; waitress's default allows 256 KiB of them.
+    "max_request_header_size": 16 * 1024,
     # waitress compares with >=, so +1 lets a body of exactly MAX_BODY_BYTES through.
-    server = waitress.server.create_server(
-        app, host=host, port=port, threads=threads, max_request_body_size=MAX_BODY_BYTES + 1, ident="clinic-billing"
-    )
+    "max_request_body_size": MAX_BODY_BYTES + 1,
+    "ident": "clinic-billing",
+}
+
+
+def make_server(app, port: int, host: str = "0.0.0.0", threads: int = 8):
+    server = waitress.server.create_server(app, host=host, port=port, threads=threads, **WAITRESS_SETTINGS)
     server.channel_class = _Channel  # the server's hook for its connection class
     return server
 

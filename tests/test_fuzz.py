@@ -65,6 +65,19 @@ SPEC = yaml.safe_load((ROOT / "openapi.yaml").read_text())
 PROBLEM_SCHEMA = jsonschema.Draft202012Validator(SPEC["components"]["schemas"]["Problem"])
 JSON = {"Content-Type": "application/json"}
 TEN_MB = 10 * 1024 * 1024
+# Both services run with a bearer token, as a real deployment does: every request here carries it
+# (schemathesis also checks that a request without it is refused, where the document asks for it).
+FUZZ_TOKEN = f"fuzz-{uuid.uuid4().hex}"
+AUTH = {"Authorization": f"Bearer {FUZZ_TOKEN}"}
+
+
+def authorized_session() -> requests.Session:
+    session = requests.Session()
+    session.headers.update(AUTH)
+    return session
+
+
+http = authorized_session()
 
 # Which process serves which operations: the document's tags, with the operations routes on both.
 SERVICE_TAGS = {"appointments": {"appointments", "operations"}, "billing": {"billing", "operations"}}
@@ -125,6 +138,7 @@ def live(admin_url, template_db, tmp_path_factory):
         "APPOINTMENTS_PORT": str(free_port()),
         "BILLING_PORT": str(free_port()),
         "BILLING_POLL_SECONDS": "0.2",
+        "API_TOKENS": FUZZ_TOKEN,
     }
     logs = tmp_path_factory.mktemp("fuzz-logs")
     started = []
@@ -136,10 +150,10 @@ def live(admin_url, template_db, tmp_path_factory):
         open_ids = [_start(api.base_url)["id"] for _ in range(3)]
         billed_ids = [_start(api.base_url)["id"] for _ in range(3)]
         for appointment_id in billed_ids:
-            ended = requests.post(f"{api.base_url}/appointments/{appointment_id}/end", json={"end_date": "2020-12-01 14:00:01"}, timeout=10)
+            ended = http.post(f"{api.base_url}/appointments/{appointment_id}/end", json={"end_date": "2020-12-01 14:00:01"}, timeout=10)
             assert ended.status_code == 200, ended.text
         for appointment_id in billed_ids:
-            wait_until(lambda: requests.get(f"{worker.base_url}/billing-entries/{appointment_id}", timeout=5).ok, 10, what="seed billing")
+            wait_until(lambda: http.get(f"{worker.base_url}/billing-entries/{appointment_id}", timeout=5).ok, 10, what="seed billing")
         yield Live(api, worker, url, open_ids, billed_ids)
     finally:
         for service in started:
@@ -149,7 +163,7 @@ def live(admin_url, template_db, tmp_path_factory):
 
 def _start(base: str, **fields) -> dict:
     body = {"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4()), "start_date": "2020-12-01 13:00:00", **fields}
-    result = requests.post(f"{base}/appointments", json=body, timeout=10)
+    result = http.post(f"{base}/appointments", json=body, timeout=10)
     assert result.status_code == 201, result.text
     return result.json()
 
@@ -186,7 +200,8 @@ def live_schemas(live):
     schemas = {}
     for service in SERVICE_TAGS:
         schema = schemathesis.openapi.from_url(live.base(service) + "/openapi.json", timeout=10)
-        schema.config.update(base_url=live.base(service))
+        # The token as schemathesis's own setting, so that its negative cases can leave it out.
+        schema.config.update(base_url=live.base(service), headers=AUTH)
         schemas[service] = schema
     return schemas
 
@@ -247,13 +262,13 @@ def test_schemathesis_generated_requests_get_documented_responses_and_no_5xx(liv
 def test_the_documented_timestamp_schema_rejects_what_the_api_rejects(live):
     """The document says its body schemas are what the services validate against: a client (or a
     fuzzer) must be able to tell a valid start_date from the schema. Timestamp is a bare string."""
-    spec = requests.get(live.api.base_url + "/openapi.json", timeout=5).json()
+    spec = http.get(live.api.base_url + "/openapi.json", timeout=5).json()
     timestamp = jsonschema.Draft202012Validator({**spec["components"]["schemas"]["Timestamp"], "components": spec["components"]})
     for example in spec["components"]["schemas"]["Timestamp"]["examples"]:
         assert timestamp.is_valid(example)
     rejected_by_api = ["tomorrow", "", "2020-12-01T13:00:00", "2020-12-01", "13:00:00", "2020-12-01 13:00"]
     for value in rejected_by_api:
-        result = requests.post(f"{live.api.base_url}/appointments", json={"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4()), "start_date": value}, timeout=5)
+        result = http.post(f"{live.api.base_url}/appointments", json={"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4()), "start_date": value}, timeout=5)
         assert_problem_response(result, 400, "start_date")
     accepted_by_schema = [value for value in rejected_by_api if timestamp.is_valid(value)]
     assert accepted_by_schema == [], f"openapi.yaml's Timestamp accepts strings the API rejects with 400: {accepted_by_schema}"
@@ -265,7 +280,7 @@ def test_the_documented_timestamp_schema_rejects_what_the_api_rejects(live):
 
 def post_raw(live: Live, path: str, raw: bytes, content_type: str | None = "application/json") -> requests.Response:
     headers = {} if content_type is None else {"Content-Type": content_type}
-    return requests.post(live.api.base_url + path, data=raw, headers=headers, timeout=10)
+    return http.post(live.api.base_url + path, data=raw, headers=headers, timeout=10)
 
 
 @pytest.fixture
@@ -329,7 +344,7 @@ END_BODIES = [
 def test_a_hostile_end_body_is_a_clean_400_and_the_appointment_stays_open(live, open_appointment, raw, mentions):
     path = f"/appointments/{open_appointment['id']}/end"
     assert_problem_response(post_raw(live, path, raw), 400, mentions)
-    assert requests.get(live.api.base_url + f"/appointments/{open_appointment['id']}", timeout=5).json() == open_appointment
+    assert http.get(live.api.base_url + f"/appointments/{open_appointment['id']}", timeout=5).json() == open_appointment
     live.assert_no_unhandled_errors()
 
 
@@ -382,7 +397,7 @@ def test_every_undocumented_method_on_every_route_is_405_with_allow(live, servic
     url = live.base(service) + path.replace("{appointment_id}", live.billed_ids[0])
     for other in OTHER_METHODS:
         if other != method:
-            result = requests.request(other, url, timeout=5)
+            result = http.request(other, url, timeout=5)
             assert_problem_response(result, 405)
             assert method in result.headers["Allow"].replace(" ", "").split(","), (other, result.headers)
 
@@ -394,7 +409,7 @@ def test_an_unknown_method_is_400_and_the_other_services_routes_are_404(live, se
     other = "billing" if service == "appointments" else "appointments"
     for _, method, path in ROUTES:
         if path not in ("/health", "/ready", "/metrics", "/openapi.json") and (other, method, path) in ROUTES:
-            result = requests.request(method, live.base(service) + path.replace("{appointment_id}", str(uuid.uuid4())), timeout=5)
+            result = http.request(method, live.base(service) + path.replace("{appointment_id}", str(uuid.uuid4())), timeout=5)
             assert_problem_response(result, 404)
 
 
@@ -404,17 +419,17 @@ def test_non_canonical_uuid_spellings_in_the_path_are_400(live):
     known = live.billed_ids[0]
     spellings = [known.replace("-", ""), "{" + known + "}", "urn:uuid:" + known, known[:8] + "-" + known[8:].replace("-", "")]
     for spelling in spellings:
-        assert_problem_response(requests.get(f"{live.api.base_url}/appointments/{spelling}", timeout=5), 400, "id")
-        assert_problem_response(requests.get(f"{live.worker.base_url}/billing-entries/{spelling}", timeout=5), 400, "appointment_id")
+        assert_problem_response(http.get(f"{live.api.base_url}/appointments/{spelling}", timeout=5), 400, "id")
+        assert_problem_response(http.get(f"{live.worker.base_url}/billing-entries/{spelling}", timeout=5), 400, "appointment_id")
     # The same spellings in a body are refused already:
     body = {"id": known.replace("-", ""), "physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4())}
-    assert_problem_response(requests.post(f"{live.api.base_url}/appointments", json=body, timeout=5), 400, "id")
+    assert_problem_response(http.post(f"{live.api.base_url}/appointments", json=body, timeout=5), 400, "id")
 
 
 @pytest.mark.parametrize("limit", ["1_0", " 5", "5 ", "\u0665", "0x10", "", "1e2", "-0", "5.0"])
 def test_a_limit_that_is_not_a_plain_decimal_integer_is_400(live, limit):
     """limit is `type: integer`; Python's int() also reads '1_0', ' 5' and Arabic-Indic digits."""
-    result = requests.get(f"{live.worker.base_url}/billing-entries", params={"limit": limit}, timeout=5)
+    result = http.get(f"{live.worker.base_url}/billing-entries", params={"limit": limit}, timeout=5)
     assert_problem_response(result, 400, "limit")
 
 
@@ -435,6 +450,9 @@ def raw_exchange(port: int, head: bytes, body_chunks=(), timeout: float = 10) ->
             except OSError:
                 return
 
+    if b"\r\n" in head:  # the token, right after the request line
+        line, rest = head.split(b"\r\n", 1)
+        head = line + b"\r\n" + f"Authorization: Bearer {FUZZ_TOKEN}\r\n".encode() + rest
     try:
         sock.sendall(head)
         sender = threading.Thread(target=send_body, daemon=True)
@@ -569,7 +587,7 @@ def test_concurrent_ends_of_one_appointment_all_answer_with_its_charge_status(li
     those of the requests that waited for the row lock while the first end committed."""
     url = live.api.base_url + "/appointments/{}/end"
     nulls = []
-    with requests.Session() as session, ThreadPoolExecutor(8) as pool:
+    with authorized_session() as session, ThreadPoolExecutor(8) as pool:
         for _ in range(25):
             appointment = _start(live.api.base_url)
             ends = list(pool.map(lambda _: session.post(url.format(appointment["id"]), json={"end_date": "2020-12-01 14:00:00"}, timeout=10), range(8)))
