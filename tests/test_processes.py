@@ -286,3 +286,33 @@ def test_schema_sql_applied_again_to_a_live_database_keeps_every_row(db_url, db)
     done = subprocess.run([psql, db_url, "-v", "ON_ERROR_STOP=1", "-q", "-f", str(ROOT / "schema.sql")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert ledger(db) == before and before["entries"] == 50
+
+
+def test_500_idle_slow_connections_do_not_keep_a_normal_client_waiting(services, db_url):
+    """Slowloris: clients that open connections and send half a request, then nothing. waitress
+    gives them no thread, and its connection limit is above 500, so others are served at once."""
+    import socket
+    import time
+
+    import requests
+
+    api = services("appointments.py", db_url).wait_healthy()
+    port = int(api.env["APPOINTMENTS_PORT"])
+    idle = []
+    try:
+        for _ in range(500):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"POST /appointments HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+            idle.append(sock)
+        time.sleep(0.5)  # let waitress take them all in before the normal client comes
+        for _ in range(3):
+            started = time.monotonic()
+            body = {"physician_id": "ea959b03-5577-45c9-b9f7-a45d3e77ce82", "patient_id": "86158d46-ce33-4e3d-9822-462bbff5782e"}
+            assert requests.post(api.base_url + "/appointments", json=body, timeout=5).status_code == 201
+            assert time.monotonic() - started < 1
+        # The idle ones are still held open, not dropped to make room.
+        idle[0].sendall(b"Content-Length: 2\r\n\r\n{}")
+        assert idle[0].recv(65536).startswith(b"HTTP/1.1 400")
+    finally:
+        for sock in idle:
+            sock.close()
