@@ -11,12 +11,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# The pinned dependencies in their own layer, rebuilt only when requirements.txt changes. Wheels
-# only (--only-binary): nothing is compiled, so no compiler is ever installed, and --no-cache-dir
-# leaves no pip cache behind. A venv keeps them apart from the base image's Python packages.
-COPY requirements.txt /opt/requirements.txt
+# The locked dependencies in their own layer, rebuilt only when requirements.lock changes (it is
+# copied before the code). requirements.lock (`make lock`, from requirements.txt) pins every runtime
+# package, direct and transitive, with the sha256 of each of its files: --require-hashes refuses any
+# file that does not match, and --no-deps installs nothing the lock does not list (pip check then
+# proves nothing is missing). Wheels only (--only-binary): nothing is compiled, so no compiler or
+# unpinned build dependency is ever installed, and --no-cache-dir leaves no pip cache behind.
+# A venv keeps them apart from the base image's Python packages.
+COPY requirements.lock /opt/requirements.lock
 RUN python -m venv /opt/venv \
- && pip install --no-cache-dir --only-binary=:all: -r /opt/requirements.txt
+ && pip install --no-cache-dir --require-hashes --only-binary=:all: --no-deps -r /opt/requirements.lock \
+ && pip check
 
 # An unprivileged user with a fixed UID (Kubernetes' runAsNonRoot can check a numeric USER).
 RUN groupadd --system --gid 10001 clinic \

@@ -148,7 +148,7 @@ def hadolint_binary() -> str | None:
 def test_dockerfile_passes_hadolint():
     hadolint = hadolint_binary()
     if hadolint is None:
-        unavailable("hadolint is not installed: pip install -r requirements-dev.txt")
+        unavailable("hadolint is not installed: make venv (it installs requirements-dev.lock)")
     proc = run([hadolint, "--no-color", str(ROOT / "Dockerfile")], check=False, timeout=60)
     assert proc.returncode == 0, f"hadolint findings:\n{proc.stdout}{proc.stderr}"
 
