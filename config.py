@@ -98,6 +98,10 @@ class Config:
     log_format: str = "json"
     # SHA-256 hex digests of the accepted bearer tokens; empty: the service is open.
     api_token_hashes: tuple[str, ...] = ()
+    # For `python db.py apply-schema` only: the passwords it gives the services' database roles
+    # (None: leave as they are). Kept out of repr, so out of any traceback or log line.
+    api_role_password: str | None = dataclasses.field(default=None, repr=False)
+    worker_role_password: str | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -133,6 +137,8 @@ class Config:
             log_level=_choice(env, "LOG_LEVEL", cls.log_level, LOG_LEVELS, fold=str.upper),
             log_format=_choice(env, "LOG_FORMAT", cls.log_format, LOG_FORMATS),
             api_token_hashes=_api_tokens(env),
+            api_role_password=env.get("CLINIC_API_PASSWORD") or None,
+            worker_role_password=env.get("CLINIC_WORKER_PASSWORD") or None,
         )
 
 

@@ -1,6 +1,9 @@
-"""The database: the connection pool both services use, and applying schema.sql.
+"""The database: the connection pool both services use, and applying schema.sql and roles.sql.
 
     python db.py apply-schema     # what `make schema` and the compose `migrate` service run
+
+apply-schema also sets the passwords of the two services' roles from CLINIC_API_PASSWORD and
+CLINIC_WORKER_PASSWORD, each when it is set (roles.sql holds no password).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import sys
 
 import psycopg
 import psycopg_pool
+from psycopg import sql
 
 from config import Config, load_config_or_exit
 
@@ -44,15 +48,49 @@ def make_pool(config: Config, name: str, max_size: int = 10, **session: str) -> 
     )
 
 
+# Applied in this order, as a superuser: the tables, then the roles and their grants.
+SCHEMA_FILES = ("schema.sql", "roles.sql")
+
+# The LOGIN roles roles.sql makes, and the variables their passwords come from.
+ROLE_PASSWORD_VARIABLES = {"clinic_api": "CLINIC_API_PASSWORD", "clinic_worker": "CLINIC_WORKER_PASSWORD"}
+
+
 def apply_schema(database_url: str) -> None:
-    """schema.sql as one simple-protocol query: one implicit transaction, all or nothing, and
-    idempotent, so it is safe against a live database."""
+    """schema.sql then roles.sql as one simple-protocol query: one implicit transaction, all or
+    nothing, and idempotent, so it is safe against a live database."""
+    script = "\n".join((HERE / name).read_text(encoding="utf-8") for name in SCHEMA_FILES)
     with psycopg.connect(database_url, autocommit=True, connect_timeout=10) as conn:
-        conn.execute((HERE / "schema.sql").read_text(encoding="utf-8"))
+        conn.execute(script)
+
+
+def set_role_passwords(database_url: str, api_password: str | None, worker_password: str | None) -> list[str]:
+    """Sets the password of clinic_api and of clinic_worker, each only when given (None or "" leaves
+    it as it is); returns the roles changed. As a superuser, after roles.sql made the roles.
+
+    The password never reaches the server, its logs or pg_stat_statements: libpq hashes it here
+    (PQencryptPasswordConn, in the server's password_encryption, as psql's \\password does) and
+    ALTER ROLE gets the hash. ALTER ROLE takes no bind parameters, so the hash is quoted as a
+    literal by psycopg.sql.Literal.
+    """
+    wanted = {"clinic_api": api_password, "clinic_worker": worker_password}
+    changed = [role for role, password in wanted.items() if password]
+    if not changed:
+        return []
+    with psycopg.connect(database_url, autocommit=True, connect_timeout=10) as conn:
+        hashed = {role: conn.pgconn.encrypt_password(wanted[role].encode(), role.encode()).decode() for role in changed}
+        with conn.transaction():
+            # The lock roles.sql takes on the roles (cluster-wide): no concurrent update of one role.
+            conn.execute("LOCK TABLE pg_catalog.pg_authid IN SHARE UPDATE EXCLUSIVE MODE")
+            for role in changed:
+                conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(hashed[role])))
+    return changed
 
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["apply-schema"]:
-        sys.exit("usage: python db.py apply-schema   (applies schema.sql to DATABASE_URL)")
-    apply_schema(load_config_or_exit().database_url)
-    print("schema.sql applied")
+        sys.exit("usage: python db.py apply-schema   (applies schema.sql and roles.sql to DATABASE_URL)")
+    config = load_config_or_exit()
+    apply_schema(config.database_url)
+    print("schema.sql applied; roles.sql applied")
+    for role in set_role_passwords(config.database_url, config.api_role_password, config.worker_role_password):
+        print(f"password of {role} set from {ROLE_PASSWORD_VARIABLES[role]}")

@@ -4,7 +4,10 @@
 -- nothing is dropped, and what a later version adds to an existing table is a nullable column
 -- (a catalog change, no rewrite) or a small partial index. docs/operations.md says how to roll
 -- a new version onto a large live database.
---   psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f schema.sql
+--   psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f schema.sql -f roles.sql
+--
+-- roles.sql (applied right after this file, also by `python db.py apply-schema`) makes the
+-- database roles, hands these objects to clinic_owner and grants each service what it uses.
 --
 -- Money is NUMERIC(12,2) (reais with cents, never float); times are timestamptz kept to the whole
 -- second, so what the API shows is exactly what is stored.
@@ -100,6 +103,48 @@ CREATE TABLE IF NOT EXISTS billing_entries (
 -- Serves GET /billing-entries?limit=N (LIST_ENTRIES): newest first.
 CREATE INDEX IF NOT EXISTS billing_entries_newest
     ON billing_entries (created_at DESC, appointment_id DESC);
+
+-- The ledger is append-only, for everyone: the services (roles.sql grants them no UPDATE, DELETE
+-- or TRUNCATE on it), its owner and superusers alike, so that no bug, bad manual fix or psql
+-- session can rewrite money already charged. A correction is a new kind of entry, not an edit of
+-- an old one: when the business needs one (a refund, a reversal), it gets its own rows that point
+-- at the charge they correct. These triggers refuse UPDATE and DELETE (row by row, BEFORE, so
+-- nothing is changed) and TRUNCATE (once per statement: TRUNCATE fires no row triggers).
+-- The error is SQLSTATE 42501 insufficient_privilege (psycopg.errors.InsufficientPrivilege), the
+-- code of "permission denied", since that is what it is: an operation nobody is allowed. Not a
+-- row's data at fault (classes 22/23, or P0001 of a bare RAISE, which the billing worker would
+-- retry row by row and count against the charge), and its message says "append-only".
+-- The only ways around them are deliberate and need the owner or a superuser: ALTER TABLE
+-- billing_entries DISABLE TRIGGER, or SET session_replication_role = replica (ordinary triggers
+-- do not fire in replica mode), e.g. a test that fakes a broken ledger.
+CREATE OR REPLACE FUNCTION billing_entries_append_only() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'billing_entries is append-only: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege',
+              DETAIL = 'A billing entry is never changed nor removed, by anyone.',
+              HINT = 'A correction is a new kind of entry, not an edit of an old one.';
+END
+$$;
+
+-- Created only when missing (PostgreSQL 15 has no CREATE TRIGGER IF NOT EXISTS): CREATE [OR
+-- REPLACE] TRIGGER takes a SHARE ROW EXCLUSIVE lock on the table, which would wait for the
+-- worker's writes and hold up its next ones on every run of this file. A later version that
+-- changes a trigger's definition gives it a new name (or drops the old one explicitly).
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                   WHERE tgrelid = 'billing_entries'::regclass AND tgname = 'billing_entries_no_update_or_delete') THEN
+        CREATE TRIGGER billing_entries_no_update_or_delete
+            BEFORE UPDATE OR DELETE ON billing_entries
+            FOR EACH ROW EXECUTE FUNCTION billing_entries_append_only();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                   WHERE tgrelid = 'billing_entries'::regclass AND tgname = 'billing_entries_no_truncate') THEN
+        CREATE TRIGGER billing_entries_no_truncate
+            BEFORE TRUNCATE ON billing_entries
+            FOR EACH STATEMENT EXECUTE FUNCTION billing_entries_append_only();
+    END IF;
+END $$;
 
 -- Where each appointment's money is, for people with psql:
 --   SELECT * FROM billing_status WHERE status <> 'billed' ORDER BY ended_at;
