@@ -428,8 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config_or_exit()
     setup_logging("billing-worker", config.log_level, config.log_format)
     if args.command == "reconcile":
-        # Whole-table reads with no statement_timeout, on a connection of its own.
-        pool = make_pool(config, "billing-reconcile", max_size=1)
+        # Whole-table reads on a connection of its own, without the statement_timeout that the
+        # worker's role and sessions carry: a large ledger is read to the end.
+        pool = make_pool(config, "billing-reconcile", max_size=1, statement_timeout="0")
     else:
         pool = make_pool(config, "billing-worker", max_size=4, **WORKER_SESSION)
     metrics = WorkerMetrics(pool, config.poll_seconds)

@@ -83,8 +83,9 @@ def _on_database_unavailable(req, resp, ex: psycopg.OperationalError, params) ->
 
 
 def _on_database_not_ready(req, resp, ex: psycopg.Error, params) -> None:
-    # The schema not applied yet, or a read-only server during a failover: the database is there
-    # but cannot serve us, the same answer as /ready gives.
+    # The schema not applied yet, a read-only server during a failover, or a role without the
+    # grants this version needs (its roles.sql not applied): the database is there but cannot
+    # serve us, the same answer as /ready gives.
     log.error("database_not_ready", error=f"{ex.__class__.__name__}: {str(ex).strip()}")
     _render(req, resp, 503, f"the database is not ready ({ex.__class__.__name__}); retry shortly", {"Retry-After": "5"})
 
@@ -259,7 +260,10 @@ def base_app(pool: psycopg_pool.ConnectionPool, metrics: Metrics, guards: list |
     app.set_error_serializer(_serialize_http_error)
     app.add_error_handler(Exception, _on_unexpected)
     app.add_error_handler(psycopg.OperationalError, _on_database_unavailable)
-    app.add_error_handler((psycopg.errors.UndefinedTable, psycopg.errors.ReadOnlySqlTransaction), _on_database_not_ready)
+    app.add_error_handler(
+        (psycopg.errors.UndefinedTable, psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.InsufficientPrivilege),
+        _on_database_not_ready,
+    )
     app.add_error_handler(Problem, _on_problem)
     app.add_route("/health", Health())
     app.add_route("/ready", Ready(pool))

@@ -47,7 +47,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from support import Service, TempCluster, fresh_database, free_port, wait_until  # noqa: E402
+from support import Service, TempCluster, as_role, fresh_database, free_port, wait_until  # noqa: E402
 
 RATE = decimal.Decimal("200.00")
 BASE_START = dt.datetime(2024, 1, 1, 8, 0, 0, tzinfo=dt.timezone.utc)
@@ -121,13 +121,15 @@ class Stack:
         return {"DATABASE_URL": self.db_url, "BILLING_POLL_SECONDS": "1", "BILLING_BATCH_SIZE": "50", "LOG_LEVEL": "WARNING", **extra}
 
     def start_api(self, port: int) -> Service:
-        service = Service("appointments.py", self.env(APPOINTMENTS_PORT=str(port)), log_dir=self.workdir)
+        env = self.env(APPOINTMENTS_PORT=str(port), DATABASE_URL=as_role(self.db_url, "appointments.py"))
+        service = Service("appointments.py", env, log_dir=self.workdir)
         with self.lock:
             self.apis[port] = service
         return service
 
     def start_worker(self) -> Service:
-        service = Service(self.worker_script, self.env(BILLING_PORT=str(free_port())), log_dir=self.workdir)
+        env = self.env(BILLING_PORT=str(free_port()), DATABASE_URL=as_role(self.db_url, self.worker_script))
+        service = Service(self.worker_script, env, log_dir=self.workdir)
         with self.lock:
             self.workers.append(service)
         return service

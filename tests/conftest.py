@@ -30,6 +30,7 @@ from support import (  # noqa: E402
     Service,
     TempCluster,
     apply_schema,
+    as_role,
     create_database,
     drop_database,
     free_port,
@@ -125,7 +126,7 @@ def services(tmp_path):
 
     def start(script: str, database_url: str, *args: str, **env: str) -> Service:
         env = {
-            "DATABASE_URL": database_url,
+            "DATABASE_URL": as_role(database_url, script),  # as in production: its own role
             "APPOINTMENTS_PORT": str(free_port()),
             "BILLING_PORT": str(free_port()),
             "BILLING_POLL_SECONDS": "60",

@@ -109,6 +109,15 @@ def drop_database(admin_url: str, name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# The database role each service logs in as (roles.sql); trust authentication needs no password.
+SERVICE_ROLES = {"appointments.py": "clinic_api", "billing_worker.py": "clinic_worker", "tests/broken_worker.py": "clinic_worker"}
+
+
+def as_role(url: str, script: str) -> str:
+    """The connection string a service would be given: the same database, its own role."""
+    return psycopg.conninfo.make_conninfo(url, user=SERVICE_ROLES[script])
+
+
 def fresh_database(admin_url: str) -> str:
     """A new database with the schema applied (for clusters without our template)."""
     url = create_database(admin_url, f"clinic_test_{uuid.uuid4().hex[:12]}")

@@ -49,6 +49,7 @@ from conftest import replace
 from support import (
     ROOT,
     Service,
+    as_role,
     assert_billed_exactly_once,
     create_database,
     drop_database,
@@ -143,8 +144,8 @@ def live(admin_url, template_db, tmp_path_factory):
     logs = tmp_path_factory.mktemp("fuzz-logs")
     started = []
     try:
-        started.append(Service("appointments.py", env, log_dir=logs))
-        started.append(Service("billing_worker.py", env, log_dir=logs))
+        for script in ("appointments.py", "billing_worker.py"):  # each as its own database role
+            started.append(Service(script, {**env, "DATABASE_URL": as_role(url, script)}, log_dir=logs))
         api, worker = (service.wait_healthy() for service in started)
         # Known ids, so that generated requests also reach existing appointments and entries.
         open_ids = [_start(api.base_url)["id"] for _ in range(3)]

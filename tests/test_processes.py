@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from support import ROOT, SERVICE_VARS, assert_billed_exactly_once, ledger, make_backlog, wait_until
+from support import ROOT, SERVICE_VARS, as_role, assert_billed_exactly_once, ledger, make_backlog, wait_until
 
 JSON = {"Content-Type": "application/json"}
 
@@ -45,7 +45,7 @@ def service_env(db_url, **env):
 def run_once(db_url, *args, **env):
     """python billing_worker.py --once (or another command) to completion."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "billing_worker.py"), *args], env=service_env(db_url, **env), capture_output=True, text=True, timeout=120
+        [sys.executable, str(ROOT / "billing_worker.py"), *args], env=service_env(as_role(db_url, "billing_worker.py"), **env), capture_output=True, text=True, timeout=120
     )
 
 
