@@ -28,10 +28,10 @@ RUN groupadd --system --gid 10001 clinic \
  && useradd --system --uid 10001 --gid clinic --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin clinic
 
-# The code, owned by root and read-only for the service user. schema.sql ships too, so the image
-# can apply the schema it was built with (the `migrate` service in docker-compose.yml).
+# The code, owned by root and read-only for the service user. schema.sql and roles.sql ship too,
+# so the image can apply the schema and roles it was built with (the compose `migrate` service).
 WORKDIR /app
-COPY *.py openapi.yaml schema.sql ./
+COPY *.py openapi.yaml schema.sql roles.sql ./
 
 USER 10001:10001
 EXPOSE 8080 8081

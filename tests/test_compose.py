@@ -26,6 +26,7 @@ import concurrent.futures
 import datetime as dt
 import decimal
 import functools
+import hashlib
 import json
 import os
 import re
@@ -53,7 +54,7 @@ APPOINTMENTS_PORT, BILLING_PORT = 8080, 8081  # inside the containers
 # shell must not change what the test runs) and set in the test's own env file.
 COMPOSE_VARS = re.compile(
     r"POSTGRES_\w+|APPOINTMENTS_\w+|BILLING_\w+|HOURLY_RATE|APP_TIMEZONE|LOG_LEVEL|LOG_FORMAT|PUBLISH_IP"
-    r"|CLINIC_BILLING_IMAGE|COMPOSE_PROJECT_NAME|COMPOSE_FILE|COMPOSE_PROFILES"
+    r"|CLINIC_\w+|COMPOSE_PROJECT_NAME|COMPOSE_FILE|COMPOSE_PROFILES"
 )
 CENTS = decimal.Decimal("0.01")
 RATE = decimal.Decimal("200.00")  # HOURLY_RATE's default, which the test leaves in force
@@ -168,10 +169,16 @@ def test_compose_file_is_valid(tmp_path):
     plain = yaml.safe_load(run([*base, "--env-file", str(empty), "config"], env=clean_env(), timeout=60).stdout)
     assert plain["services"]["db"]["environment"]["POSTGRES_PASSWORD"]
     chosen = tmp_path / "chosen.env"
-    chosen.write_text("POSTGRES_PASSWORD=s3cret-from-env\n")
+    chosen.write_text("POSTGRES_PASSWORD=s3cret-from-env\nCLINIC_API_PASSWORD=api-from-env\nCLINIC_WORKER_PASSWORD=worker-from-env\n")
     mine = yaml.safe_load(run([*base, "--env-file", str(chosen), "config"], env=clean_env(), timeout=60).stdout)
     assert mine["services"]["db"]["environment"]["POSTGRES_PASSWORD"] == "s3cret-from-env"
-    assert mine["services"]["appointments"]["environment"]["PGPASSWORD"] == "s3cret-from-env"
+    assert mine["services"]["migrate"]["environment"]["PGPASSWORD"] == "s3cret-from-env"
+    # Each service logs in as its own role, with the password migrate gave that role.
+    for service, role, password in (("appointments", "clinic_api", "api-from-env"), ("billing-worker", "clinic_worker", "worker-from-env")):
+        environment = mine["services"][service]["environment"]
+        assert environment["DATABASE_URL"].startswith(f"postgresql://{role}@db:5432/")
+        assert environment["PGPASSWORD"] == password
+        assert mine["services"]["migrate"]["environment"][f"CLINIC_{role.split('_')[1].upper()}_PASSWORD"] == password
 
     config = yaml.safe_load(run([*example, "config"], env=clean_env(), timeout=60).stdout)
     services = config["services"]
@@ -203,7 +210,10 @@ class Stack:
         self.api_port = free_port_range(1)
         self.billing_base = free_port_range(4)  # 3 replicas, plus one spare
         self.env_file = workdir / "compose.env"
-        # The password exists only in this file and the containers' environment.
+        # One token that both services accept: the API from the token itself, the billing service
+        # from its digest (the two forms .env.example shows).
+        self.token = secrets.token_urlsafe(32)
+        # The passwords exist only in this file and the containers' environment.
         self.env_file.write_text(
             "\n".join(
                 [
@@ -216,6 +226,10 @@ class Stack:
                     f"CLINIC_BILLING_IMAGE={IMAGE}",
                     # Small batches, so that three replicas share a backlog over many transactions.
                     "BILLING_BATCH_SIZE=5",
+                    f"CLINIC_API_PASSWORD={secrets.token_urlsafe(24)}",
+                    f"CLINIC_WORKER_PASSWORD={secrets.token_urlsafe(24)}",
+                    f"APPOINTMENTS_API_TOKENS={self.token}",
+                    f"BILLING_API_TOKENS=sha256:{hashlib.sha256(self.token.encode()).hexdigest()}",
                 ]
             )
             + "\n"
@@ -229,7 +243,12 @@ class Stack:
         ]
         self.env = clean_env()
         self.api = f"http://127.0.0.1:{self.api_port}"
-        self.http = requests.Session()
+        self.http = self.session()
+
+    def session(self) -> requests.Session:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {self.token}"
+        return session
 
     # -- compose and docker
 
@@ -460,6 +479,11 @@ def test_2_ended_appointments_are_billed_with_the_right_totals(stack):
     listed = stack.http.get(f"{worker}/billing-entries", params={"limit": 50}, timeout=5).json(parse_float=decimal.Decimal)
     assert {e["appointment_id"]: e["total_price"] for e in listed} == {a["id"]: a["price"] for a in done}
     assert stack.http.get(f"{worker}/billing-entries/{uuid.uuid4()}", timeout=5).status_code == 404
+    # Without the token, both refuse; the services log in as their own roles, not the superuser.
+    assert requests.get(f"{worker}/billing-entries", timeout=5).status_code == 401
+    assert requests.get(f"{stack.api}/appointments/{done[0]['id']}", timeout=5).status_code == 401
+    logins = stack.psql("SELECT DISTINCT usename FROM pg_stat_activity WHERE application_name IN ('appointments', 'billing-worker') ORDER BY 1")
+    assert logins == [["clinic_api"], ["clinic_worker"]], logins
 
 
 @step
@@ -503,7 +527,7 @@ def test_4_three_workers_bill_a_backlog_exactly_once(stack):
     # Then a burst of ends with all three replicas listening: every NOTIFY wakes all of them for
     # the same rows, so they race for each row (SKIP LOCKED), and each must still be billed once.
     def end_one(i):
-        with requests.Session() as session:
+        with stack.session() as session:
             return stack.start_and_end(PHYSICIAN["scale_live"], START + dt.timedelta(hours=i), 45 * i + 3, session)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
