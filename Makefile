@@ -1,5 +1,5 @@
 # Native commands for machines without Docker (docker compose up is the main way to run it).
-#   make run    apply schema.sql to $DATABASE_URL and run both services; Ctrl-C stops both
+#   make run    apply schema.sql and roles.sql to $DATABASE_URL and run both services; Ctrl-C stops both
 #   make test   the whole test suite (see README)
 #   make lock   regenerate requirements.lock and requirements-dev.lock (see "Lock files" below)
 

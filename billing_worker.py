@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "reconcile":
         # Whole-table reads on a connection of its own, without the statement_timeout that the
         # worker's role and sessions carry: a large ledger is read to the end.
-        pool = make_pool(config, "billing-reconcile", max_size=1, statement_timeout="0")
+        pool = make_pool(config, "billing-reconcile", max_size=1, statement_timeout="0", idle_in_transaction_session_timeout="0")
     else:
         pool = make_pool(config, "billing-worker", max_size=4, **WORKER_SESSION)
     metrics = WorkerMetrics(pool, config.poll_seconds)

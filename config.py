@@ -23,6 +23,8 @@ CENTS = decimal.Decimal("0.01")
 
 # RFC 6750's b64token: what may follow "Bearer " in an Authorization header.
 BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# A guessable token is no protection: secrets.token_urlsafe(32) gives 43 characters.
+MIN_TOKEN_LENGTH = 32
 _HASHED_TOKEN = re.compile(r"sha256:([0-9a-fA-F]{64})")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -54,16 +56,21 @@ def _token_hashes(items, source: str) -> list[str]:
         hashed = _HASHED_TOKEN.fullmatch(item)
         if hashed:
             hashes.append(hashed.group(1).lower())
-        elif BEARER_TOKEN.fullmatch(item):
+        elif BEARER_TOKEN.fullmatch(item) and len(item) >= MIN_TOKEN_LENGTH:
             hashes.append(hashlib.sha256(item.encode()).hexdigest())
         else:
             # The item itself stays out of the message: it may be a secret with a typo.
-            raise ConfigError(f"{source}: an item is neither a bearer token (letters, digits and -._~+/) nor sha256:<64 hex>")
+            raise ConfigError(
+                f"{source}: an item is neither a bearer token ({MIN_TOKEN_LENGTH} or more letters, digits and -._~+/) nor sha256:<64 hex>"
+            )
     return hashes
 
 
 def _api_tokens(env: Mapping[str, str]) -> tuple[str, ...]:
     hashes = _token_hashes(env.get("API_TOKENS", "").split(","), "API_TOKENS")
+    if env.get("API_TOKENS", "").strip() and not hashes:
+        # Set, yet no token in it: a deployment meant to be closed would start open.
+        raise ConfigError("API_TOKENS: set but holds no token")
     path = env.get("API_TOKENS_FILE", "").strip()
     if path:
         try:
@@ -71,7 +78,10 @@ def _api_tokens(env: Mapping[str, str]) -> tuple[str, ...]:
                 lines = fh.read().splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"API_TOKENS_FILE: cannot read {path!r} ({exc.__class__.__name__})") from None
-        hashes += _token_hashes(lines, "API_TOKENS_FILE")
+        from_file = _token_hashes(lines, "API_TOKENS_FILE")
+        if not from_file:
+            raise ConfigError(f"API_TOKENS_FILE: {path!r} holds no token")
+        hashes += from_file
     return tuple(dict.fromkeys(hashes))
 
 

@@ -23,6 +23,33 @@ DO $$ BEGIN PERFORM pg_advisory_lock(hashtext('clinic-billing schema')); END $$;
 -- file is idempotent, so just run it again).
 SET lock_timeout = '3s';
 
+-- An upgrade that changes existing tables (a column, an index, the ledger's triggers, the owner
+-- roles.sql gives them) takes strong locks on them, one table after another. Taken here all at
+-- once instead, in the order the services lock them (an end: appointments, then billing_queue; a
+-- batch: billing_queue, then billing_entries), so that no end or batch can deadlock with the
+-- upgrade: they wait for its commit (python db.py apply-schema runs both files as one
+-- transaction). Only when something is to be done: an up-to-date database takes no lock here.
+-- A fresh database has no tables yet, and nothing to wait for.
+DO $$ BEGIN
+    IF to_regclass('billing_entries') IS NULL THEN
+        RETURN;  -- (a separate test: the casts below would fail before AND could skip them)
+    END IF;
+    IF (   NOT EXISTS (SELECT 1 FROM pg_attribute
+                       WHERE attrelid = 'billing_queue'::regclass AND attname = 'request_id' AND NOT attisdropped)
+        OR to_regclass('billing_queue_failed') IS NULL
+        OR NOT EXISTS (SELECT 1 FROM pg_trigger
+                       WHERE tgrelid = 'billing_entries'::regclass AND tgname = 'billing_entries_no_truncate')
+        OR NOT EXISTS (SELECT 1 FROM pg_trigger
+                       WHERE tgrelid = 'billing_entries'::regclass AND tgname = 'billing_entries_no_update_or_delete')
+        OR to_regrole('clinic_owner') IS NULL
+        OR EXISTS (SELECT 1 FROM pg_class
+                   WHERE oid IN ('appointments'::regclass, 'billing_queue'::regclass, 'billing_entries'::regclass)
+                     AND relowner <> to_regrole('clinic_owner')))
+    THEN
+        LOCK TABLE appointments, billing_queue, billing_entries IN ACCESS EXCLUSIVE MODE;
+    END IF;
+END $$;
+
 -- One row per appointment. Open while end_date IS NULL; ending it fills end_date and price and,
 -- in the same transaction, inserts its billing_queue row.
 CREATE TABLE IF NOT EXISTS appointments (

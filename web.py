@@ -288,7 +288,15 @@ class _ProblemErrorTask(waitress.task.ErrorTask):
         request_id = request_id_from(self.request.headers.get(REQUEST_ID_HEADER.upper().replace("-", "_")))
         body = json.dumps(problem_body(error.code, detail, request_id)).encode()
         self.status = f"{error.code} {error.reason}"
-        self.response_headers.extend([("Content-Type", "application/problem+json"), (REQUEST_ID_HEADER, request_id)])
+        self.response_headers.extend(
+            [
+                ("Content-Type", "application/problem+json"),
+                (REQUEST_ID_HEADER, request_id),
+                # What auth.NoStore gives the app's own responses.
+                ("X-Content-Type-Options", "nosniff"),
+                ("Cache-Control", "no-store"),
+            ]
+        )
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)

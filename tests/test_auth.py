@@ -14,8 +14,8 @@ from config import Config, ConfigError
 from db import make_pool
 from support import free_port
 
-TOKEN = "s3cret-token_for.tests~1/2+3="
-OTHER = "another-token"
+TOKEN = "s3cret-token_for.the-test-suite~1/2+3="
+OTHER = "another-token-of-32-characters-or-more"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 BODY = {"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4()), "start_date": "2020-12-01 13:00:00"}
 
@@ -36,12 +36,26 @@ def test_tokens_are_kept_only_as_sha256_digests_plain_or_given_hashed(tmp_path):
     assert Config.from_env({}).api_token_hashes == ()
 
 
-@pytest.mark.parametrize("env", [{"API_TOKENS": "has space"}, {"API_TOKENS": "sha256:abc"}, {"API_TOKENS_FILE": "/nonexistent/tokens"}])
-def test_a_bad_token_setting_is_refused_naming_the_variable_without_echoing_it(env):
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"API_TOKENS": "has space but is long enough to be a token"},
+        {"API_TOKENS": "sha256:abc"},
+        {"API_TOKENS": "short-and-guessable"},
+        {"API_TOKENS": " , "},
+        {"API_TOKENS_FILE": "/nonexistent/tokens"},
+        {"API_TOKENS_FILE": "EMPTY"},
+    ],
+)
+def test_a_bad_or_empty_token_setting_is_refused_naming_the_variable_without_echoing_it(env, tmp_path):
+    """A setting that is there but yields no token must not start an open service."""
+    if env.get("API_TOKENS_FILE") == "EMPTY":
+        (tmp_path / "empty").write_text("\n\n")
+        env = {"API_TOKENS_FILE": str(tmp_path / "empty")}
     name = next(iter(env))
     with pytest.raises(ConfigError, match=name) as refused:
         Config.from_env(env)
-    assert "space" not in str(refused.value) and "abc" not in str(refused.value)
+    assert "space" not in str(refused.value) and "abc" not in str(refused.value) and "guessable" not in str(refused.value)
 
 
 # --- in process --------------------------------------------------------------------------------
@@ -118,9 +132,15 @@ def test_the_token_is_checked_before_the_body_is_read_or_the_database_touched():
         pool.close()
 
 
-def test_personal_data_is_not_cached_and_no_response_is_sniffed(api, make_appointment):
+def test_personal_data_is_not_cached_and_no_response_is_sniffed(api, billing_api, make_appointment):
     appointment = make_appointment()
-    for resp in (api.simulate_get(f"/appointments/{appointment['id']}"), api.simulate_get(f"/appointments/{uuid.uuid4()}")):
+    for resp in (
+        api.simulate_get(f"/appointments/{appointment['id']}"),
+        api.simulate_get(f"/appointments/{uuid.uuid4()}"),
+        api.simulate_post(f"/appointments/{appointment['id']}/end"),
+        billing_api.simulate_get("/billing-entries"),
+        billing_api.simulate_get(f"/billing-entries/{appointment['id']}"),
+    ):
         assert resp.headers["cache-control"] == "no-store"
         assert resp.headers["x-content-type-options"] == "nosniff"
     health = api.simulate_get("/health")
@@ -137,6 +157,7 @@ def test_both_services_take_their_tokens_from_a_file_and_warn_when_open(services
     api = services("appointments.py", db_url, API_TOKENS_FILE=str(api_tokens)).wait_healthy()
     worker = services("billing_worker.py", db_url, API_TOKENS_FILE=str(worker_tokens)).wait_healthy()
     open_api = services("appointments.py", db_url).wait_healthy()
+    open_worker = services("billing_worker.py", db_url).wait_healthy()
 
     assert requests.post(api.base_url + "/appointments", json=BODY, timeout=5).status_code == 401
     assert requests.post(api.base_url + "/appointments", json=BODY, headers=BEARER, timeout=5).status_code == 201
@@ -145,9 +166,11 @@ def test_both_services_take_their_tokens_from_a_file_and_warn_when_open(services
     assert requests.get(worker.base_url + "/billing-entries", headers={"Authorization": f"Bearer {OTHER}"}, timeout=5).status_code == 200
     assert requests.post(open_api.base_url + "/appointments", json={**BODY, "id": str(uuid.uuid4())}, timeout=5).status_code == 201
 
-    for service in (api, worker, open_api):
+    for service in (api, worker, open_api, open_worker):
         service.stop()
-    assert "no_api_tokens_service_is_open" in open_api.output() and "API_TOKENS" in open_api.output()
+    for service in (open_api, open_worker):
+        warnings = [line for line in service.output().splitlines() if "no_api_tokens_service_is_open" in line]
+        assert len(warnings) == 1 and "API_TOKENS" in warnings[0], service.output()
     for service in (api, worker):
         assert "no_api_tokens_service_is_open" not in service.output()
         assert TOKEN not in service.output() and OTHER not in service.output()

@@ -292,6 +292,8 @@ def test_waitress_s_own_413_carries_the_request_id_as_problem_details(services, 
     head_part, _, body = received.partition(b"\r\n\r\n")
     assert head_part.startswith(b"HTTP/1.1 413")
     assert b"\r\nx-request-id: big-upload-1" in head_part.lower()
+    assert b"\r\nx-content-type-options: nosniff" in head_part.lower()
+    assert b"\r\ncache-control: no-store" in head_part.lower()
     assert json.loads(body) | {"detail": None} == {
         "type": "about:blank", "title": "Request Entity Too Large", "status": 413, "detail": None, "request_id": "big-upload-1",
     }
