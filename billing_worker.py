@@ -193,8 +193,8 @@ class Biller:
         self._max_attempts = max_attempts
         self._metrics = metrics or WorkerMetrics()
 
-    def batch(self, conn: psycopg.Connection) -> tuple[int, Tally]:
-        """One transaction: (rows claimed, what became of them)."""
+    def batch(self, conn: psycopg.Connection, reason: str = "poll") -> tuple[int, Tally]:
+        """One transaction: (rows claimed, what became of them); ``reason`` is why its pass started."""
         started = time.perf_counter()
         try:
             with conn.transaction():
@@ -208,7 +208,10 @@ class Biller:
                 raise  # connection or server trouble: nothing was billed, the rows stay pending
             log.warning("batch_failed_billing_row_by_row", error=exc.__class__.__name__)
             claimed, tally = self._row_by_row(conn)
-        self._count(tally, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._count(tally, seconds)
+        log.log(logging.INFO if claimed else logging.DEBUG, "batch", rows=claimed, wake_reason=reason,
+                duration_ms=round(seconds * 1000, 3), **dataclasses.asdict(tally))
         return claimed, tally
 
     def _count(self, tally: Tally, seconds: float) -> None:
@@ -259,11 +262,8 @@ class Biller:
         total = Tally()
         with self._pool.connection(timeout=2) as conn:
             while stop is None or not stop.is_set():
-                started = time.perf_counter()
-                claimed, tally = self.batch(conn)
+                claimed, tally = self.batch(conn, reason)
                 total.add(tally)
-                log.log(logging.INFO if claimed else logging.DEBUG, "batch", rows=claimed, wake_reason=reason,
-                        duration_ms=round((time.perf_counter() - started) * 1000, 3), **dataclasses.asdict(tally))
                 if claimed < self._batch_size:
                     break
         return total

@@ -34,7 +34,7 @@ ON CONFLICT (appointment_id) DO NOTHING
 
 
 class BrokenBiller(billing_worker.Biller):
-    def batch(self, conn):
+    def batch(self, conn, reason="poll"):
         with conn.transaction():
             cur = conn.cursor(row_factory=billing_worker.dict_row)
             rows = cur.execute(MARK_FIRST, {"batch_size": self._batch_size}).fetchall()
