@@ -1,4 +1,4 @@
-"""Appointments API: start and end appointments; ending one queues its charge in the same transaction.
+"""Appointments API: start, end and list appointments; ending one queues its charge in the same transaction.
 
     python appointments.py        # serves on APPOINTMENTS_PORT (default 8080)
 """
@@ -9,14 +9,16 @@ import datetime as dt
 import decimal
 import re
 import uuid
-from typing import Any
+from typing import Any, Iterable
 from zoneinfo import ZoneInfo
 
 import falcon
 import psycopg_pool
+from psycopg import sql
 from psycopg.rows import dict_row
 
 import auth
+import paging
 from config import CENTS, MAX_MONEY, Config, load_config_or_exit
 from db import make_pool
 from telemetry import ApiMetrics, get_logger, setup_logging
@@ -127,6 +129,32 @@ def plan_end(row: dict[str, Any], requested: dt.datetime | None, now: dt.datetim
     return end, price
 
 
+LIST_PARAMS = ("physician_id", "patient_id", "status", "limit", "before")
+STATUSES = ("open", "ended")
+
+
+def parse_listing(params: dict[str, str]) -> dict[str, Any]:
+    """GET /appointments's query, validated: Problem 400 names an unknown or malformed parameter."""
+    params = paging.query_params(params, LIST_PARAMS)
+    status = params.get("status")
+    if status is not None and status not in STATUSES:
+        raise Problem(400, f"status: must be one of {', '.join(STATUSES)}, got {status!r}")
+    return {
+        "physician_id": parse_uuid(params["physician_id"], "physician_id") if "physician_id" in params else None,
+        "patient_id": parse_uuid(params["patient_id"], "patient_id") if "patient_id" in params else None,
+        "status": status,
+        "limit": paging.limit_param(params),
+        "before": paging.parse_list_cursor("appointments", params["before"]) if "before" in params else None,
+    }
+
+
+def next_page_params(listing: dict[str, Any], last: dict[str, Any]) -> dict[str, str]:
+    """The query of the page after the one that ended with ``last``: the same filters, a new cursor."""
+    params = {name: str(listing[name]) for name in ("physician_id", "patient_id", "status") if listing[name] is not None}
+    cursor = paging.list_cursor("appointments", paging.ListPosition(last["start_date"], last["id"]))
+    return {**params, "limit": str(listing["limit"]), "before": cursor}
+
+
 def representation(row: dict[str, Any], tz: ZoneInfo) -> dict[str, Any]:
     return {
         "id": str(row["id"]),
@@ -185,6 +213,36 @@ SELECT pg_notify('billing_queue', appointment_id::text) FROM queued
 """
 
 
+# GET /appointments: newest first by start_date, ties broken by id, one more row than the page
+# shows (there is a next page when it comes). The WHERE clause is made of LIST_FILTERS, one per
+# filter given, so each combination is its own statement with its own plan: schema.sql has an
+# index for each filter (appointments_newest, _by_physician, _by_patient, _open), read backwards
+# from the cursor (keyset: page 500 costs what page 1 costs).
+LIST_APPOINTMENTS = """
+SELECT a.id, a.start_date, a.end_date, a.physician_id, a.patient_id, a.price,
+       q.status AS billing_status
+FROM appointments a
+LEFT JOIN billing_queue q ON q.appointment_id = a.id
+WHERE {filters}
+ORDER BY a.start_date DESC, a.id DESC
+LIMIT %(limit)s
+"""
+
+LIST_FILTERS = {
+    "physician_id": "a.physician_id = %(physician_id)s",
+    "patient_id": "a.patient_id = %(patient_id)s",
+    "open": "a.end_date IS NULL",
+    "ended": "a.end_date IS NOT NULL",
+    "before": "(a.start_date, a.id) < (%(before_at)s, %(before_id)s)",
+}
+
+
+def list_query(filters: Iterable[str]) -> sql.Composed:
+    """LIST_APPOINTMENTS for the given LIST_FILTERS names (fixed SQL only, never a value)."""
+    where = [sql.SQL(LIST_FILTERS[name]) for name in filters] or [sql.SQL("TRUE")]
+    return sql.SQL(LIST_APPOINTMENTS).format(filters=sql.SQL(" AND ").join(where))
+
+
 class AppointmentStore:
     def __init__(self, pool: psycopg_pool.ConnectionPool):
         self._pool = pool
@@ -195,6 +253,22 @@ class AppointmentStore:
         if row is None:
             raise Problem(404, f"appointment_id: no appointment {appointment_id}")
         return row
+
+    def list(self, listing: dict[str, Any]) -> list[dict[str, Any]]:
+        """The rows of a listing (see parse_listing), newest first: limit + 1 of them at most."""
+        filters = [name for name in ("physician_id", "patient_id", "before") if listing.get(name) is not None]
+        if listing.get("status"):
+            filters.append(listing["status"])
+        before = listing.get("before")
+        args = {
+            "physician_id": listing.get("physician_id"),
+            "patient_id": listing.get("patient_id"),
+            "before_at": before and before.at,
+            "before_id": before and before.id,
+            "limit": listing["limit"] + 1,
+        }
+        with self._pool.connection() as conn:
+            return conn.cursor(row_factory=dict_row).execute(list_query(filters), args).fetchall()
 
     def start(self, new: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         """(created, row); a repeat of the same start returns the stored row."""
@@ -236,6 +310,16 @@ class Appointments:
     def __init__(self, store: AppointmentStore, config: Config, metrics: ApiMetrics):
         self._store, self._config, self._metrics = store, config, metrics
         self._validate = SchemaValidator(openapi_spec(), "AppointmentStart")
+
+    def on_get(self, req, resp):
+        listing = parse_listing(req.params)
+        rows = self._store.list(listing)
+        if len(rows) > listing["limit"]:
+            rows = rows[: listing["limit"]]
+            resp.set_header("Link", paging.next_link(req.path, next_page_params(listing, rows[-1])))
+        send(resp, 200, [representation(row, self._config.timezone) for row in rows])
+
+    on_head = on_get
 
     def on_post(self, req, resp):
         new = new_appointment(read_json_object(req, self._validate), self._config.timezone, self._config.hourly_rate)

@@ -1,6 +1,7 @@
 """Billing worker: turns every queued charge into exactly one billing entry, and serves them over HTTP.
 
-    python billing_worker.py            # work forever; HTTP on BILLING_PORT (default 8081)
+    python billing_worker.py            # work forever; HTTP on BILLING_PORT (default 8081):
+                                        # the ledger's entries, listings and change feed
     python billing_worker.py --once     # bill everything that is due, print a summary, exit 0
     python billing_worker.py requeue    # make failed charges pending again
     python billing_worker.py reconcile  # check the ledger against the appointments; exit 1 on a mismatch
@@ -16,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import re
 import sys
 import threading
 import time
@@ -27,6 +27,8 @@ import psycopg_pool
 from psycopg.rows import dict_row
 
 import auth
+import feed
+import paging
 from config import Config, load_config_or_exit
 from db import make_pool
 from telemetry import WorkerMetrics, get_logger, setup_logging
@@ -39,6 +41,7 @@ CHANNEL = "billing_queue"
 # which rolls its batch back and frees the rows for the other workers.
 WORKER_SESSION = {"idle_in_transaction_session_timeout": "5s", "statement_timeout": "60s"}
 MAX_BACKOFF_SECONDS = 3600
+HTTP_THREADS = 4
 
 # Due rows, oldest first; rows another worker holds are skipped, not waited for. The index
 # billing_queue_due serves it.
@@ -99,10 +102,19 @@ SELECT_ENTRY = """
 SELECT appointment_id, total_price, created_at FROM billing_entries WHERE appointment_id = %(id)s
 """
 
-# Served by the index billing_entries_newest.
+# Newest first, one more row than the page shows (there is a next page when it comes); served by
+# the index billing_entries_newest, read from the cursor on (keyset, never OFFSET).
 LIST_ENTRIES = """
 SELECT appointment_id, total_price, created_at
 FROM billing_entries
+ORDER BY created_at DESC, appointment_id DESC
+LIMIT %(limit)s
+"""
+
+LIST_ENTRIES_BEFORE = """
+SELECT appointment_id, total_price, created_at
+FROM billing_entries
+WHERE (created_at, appointment_id) < (%(before_at)s, %(before_id)s)
 ORDER BY created_at DESC, appointment_id DESC
 LIMIT %(limit)s
 """
@@ -368,15 +380,6 @@ def entry_representation(row, config: Config) -> dict:
     }
 
 
-def parse_limit(raw: str | None) -> int:
-    # Plain ASCII digits only: int() would also take "1_0", " 5" and other scripts' digits.
-    if raw is None:
-        return 100
-    if not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= 1000:
-        raise Problem(400, f"limit: must be a whole number from 1 to 1000, got {raw!r}")
-    return int(raw)
-
-
 class BillingEntries:
     """/billing-entries"""
 
@@ -384,10 +387,40 @@ class BillingEntries:
         self._pool, self._config = pool, config
 
     def on_get(self, req, resp):
-        limit = parse_limit(req.get_param("limit"))
+        params = paging.query_params(req.params, ("limit", "before"))
+        limit = paging.limit_param(params)
+        query, args = LIST_ENTRIES, {"limit": limit + 1}
+        if "before" in params:
+            before = paging.parse_list_cursor("entries", params["before"])
+            query, args = LIST_ENTRIES_BEFORE, {**args, "before_at": before.at, "before_id": before.id}
         with self._pool.connection() as conn:
-            rows = conn.cursor(row_factory=dict_row).execute(LIST_ENTRIES, {"limit": limit}).fetchall()
+            rows = conn.cursor(row_factory=dict_row).execute(query, args).fetchall()
+        if len(rows) > limit:
+            rows = rows[:limit]
+            cursor = paging.list_cursor("entries", paging.ListPosition(rows[-1]["created_at"], rows[-1]["appointment_id"]))
+            resp.set_header("Link", paging.next_link(req.path, {"limit": limit, "before": cursor}))
         send(resp, 200, [entry_representation(row, self._config) for row in rows])
+
+    on_head = on_get
+
+
+class BillingEntryChanges:
+    """/billing-entries/changes"""
+
+    def __init__(self, ledger_feed: feed.Feed, config: Config):
+        self._feed, self._config = ledger_feed, config
+
+    def on_get(self, req, resp):
+        params = paging.query_params(req.params, ("after", "limit", "wait"))
+        after = paging.parse_feed_cursor(params["after"]) if "after" in params else None
+        limit = paging.limit_param(params)
+        wait = paging.whole_number(params, "wait", 0, 0, 30, unit=" of seconds")
+        rows = self._feed.read(after, limit, wait)
+        if rows:
+            cursor = paging.feed_cursor(feed.last_position(rows))
+        else:  # nothing new: the cursor that was sent, as it was sent
+            cursor = params.get("after", paging.FEED_START)
+        send(resp, 200, {"entries": [entry_representation(row, self._config) for row in rows], "cursor": cursor})
 
     on_head = on_get
 
@@ -409,9 +442,15 @@ class BillingEntry:
     on_head = on_get
 
 
-def create_app(config: Config, pool: psycopg_pool.ConnectionPool, metrics: WorkerMetrics | None = None) -> falcon.App:
+def create_app(
+    config: Config, pool: psycopg_pool.ConnectionPool, metrics: WorkerMetrics | None = None, bell: feed.LedgerBell | None = None
+) -> falcon.App:
+    """``bell`` (made here when not given) starts its LISTEN connection only when a request first
+    waits on the feed; whoever made it closes it."""
     app = base_app(pool, metrics or WorkerMetrics(pool, config.poll_seconds), auth.guards(config.api_token_hashes))
+    ledger_feed = feed.Feed(pool, bell or feed.LedgerBell(config.database_url), config.feed_max_waiters)
     app.add_route("/billing-entries", BillingEntries(pool, config))
+    app.add_route("/billing-entries/changes", BillingEntryChanges(ledger_feed, config))
     app.add_route("/billing-entries/{appointment_id}", BillingEntry(pool, config))
     return app
 
@@ -440,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(args.command, biller, pool, stop)
 
     pool.open(wait=False)
-    server = make_server(create_app(config, pool, metrics), config.billing_port, threads=4)
+    bell = feed.LedgerBell(config.database_url)
+    # Requests waiting on the feed each hold a thread: HTTP_THREADS more serve everything else.
+    server = make_server(create_app(config, pool, metrics, bell), config.billing_port, threads=HTTP_THREADS + config.feed_max_waiters)
     serve_in_thread(server)
     listener = Listener(config.database_url, stop)
     log.info("billing_worker_up", port=config.billing_port, poll_seconds=config.poll_seconds)
@@ -449,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         work(biller, listener, config.poll_seconds, stop, metrics)
     finally:
         listener.close()
+        bell.close()  # waiting requests answer now, with what they have
         server.task_dispatcher.shutdown(timeout=1)
         pool.close()
     log.info("billing_worker_stopped")

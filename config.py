@@ -104,6 +104,8 @@ class Config:
     poll_seconds: float = 10.0
     batch_size: int = 500
     max_attempts: int = 10
+    # Requests that may wait on the change feed at once (each holds a waitress thread meanwhile).
+    feed_max_waiters: int = 8
     log_level: str = "INFO"
     log_format: str = "json"
     # SHA-256 hex digests of the accepted bearer tokens; empty: the service is open.
@@ -144,6 +146,7 @@ class Config:
             poll_seconds=poll,
             batch_size=_int(env, "BILLING_BATCH_SIZE", cls.batch_size, 1, 10000),
             max_attempts=_int(env, "BILLING_MAX_ATTEMPTS", cls.max_attempts, 1, 1000),
+            feed_max_waiters=_int(env, "BILLING_FEED_MAX_WAITERS", cls.feed_max_waiters, 0, 256),
             log_level=_choice(env, "LOG_LEVEL", cls.log_level, LOG_LEVELS, fold=str.upper),
             log_format=_choice(env, "LOG_FORMAT", cls.log_format, LOG_FORMATS),
             api_token_hashes=_api_tokens(env),

@@ -89,6 +89,7 @@ DO $$
 DECLARE
     owner CONSTANT oid := 'clinic_owner'::regrole;
     relation regclass;
+    function regprocedure;
 BEGIN
     FOREACH relation IN ARRAY ARRAY['appointments', 'billing_queue', 'billing_entries']::regclass[] LOOP
         IF (SELECT relowner FROM pg_class WHERE oid = relation) <> owner THEN
@@ -98,9 +99,12 @@ BEGIN
     IF (SELECT relowner FROM pg_class WHERE oid = 'billing_status'::regclass) <> owner THEN
         ALTER VIEW billing_status OWNER TO clinic_owner;
     END IF;
-    IF (SELECT proowner FROM pg_proc WHERE oid = 'billing_entries_append_only()'::regprocedure) <> owner THEN
-        ALTER FUNCTION billing_entries_append_only() OWNER TO clinic_owner;
-    END IF;
+    FOREACH function IN ARRAY ARRAY['billing_entries_append_only()', 'billing_entries_positions_follow_the_server()',
+                                     'billing_entries_ring_the_feed()']::regprocedure[] LOOP
+        IF (SELECT proowner FROM pg_proc WHERE oid = function) <> owner THEN
+            EXECUTE format('ALTER FUNCTION %s OWNER TO clinic_owner', function);
+        END IF;
+    END LOOP;
 END $$;
 
 -- What each service may do, derived from its SQL (appointments.py, billing_worker.py and
@@ -121,7 +125,9 @@ BEGIN
     REVOKE ALL ON ALL TABLES IN SCHEMA public FROM PUBLIC;
     -- Table-level REVOKE ALL takes each column's privileges away too.
     REVOKE ALL ON appointments, billing_queue, billing_entries, billing_status FROM clinic_api, clinic_worker;
-    REVOKE ALL ON FUNCTION billing_entries_append_only() FROM PUBLIC, clinic_api, clinic_worker;
+    -- Trigger functions: a trigger runs its function whoever fired it; nobody calls them directly.
+    REVOKE ALL ON FUNCTION billing_entries_append_only(), billing_entries_positions_follow_the_server(),
+                           billing_entries_ring_the_feed() FROM PUBLIC, clinic_api, clinic_worker;
 
     -- clinic_api, the appointments API:
     --   INSERT_APPOINTMENT  inserts id, physician_id, patient_id, start_date, hourly_rate
@@ -150,8 +156,10 @@ BEGIN
     --                       available_at, last_error, processed_at; never the charge itself
     --                       (total_price), nor request_id, nor which appointment it is;
     --   CLAIM_AND_BILL, BILL_ONE  insert billing_entries' appointment_id and total_price
-    --                       (created_at keeps its default); SELECT_ENTRY, LIST_ENTRIES and
-    --                       reconcile read all of its columns.
+    --                       (created_at and txid keep their defaults: the worker cannot choose
+    --                       an entry's place in the change feed); SELECT_ENTRY, the listings,
+    --                       the change feed (feed.py) and reconcile read its columns.
+    --   The change feed's LISTEN on billing_entries, like every LISTEN, needs no grant.
     GRANT SELECT (id, end_date, price)
         ON appointments TO clinic_worker;
     GRANT SELECT (appointment_id, total_price, status, attempts, available_at, processed_at, request_id),

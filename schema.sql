@@ -41,6 +41,17 @@ DO $$ BEGIN
                        WHERE tgrelid = 'billing_entries'::regclass AND tgname = 'billing_entries_no_truncate')
         OR NOT EXISTS (SELECT 1 FROM pg_trigger
                        WHERE tgrelid = 'billing_entries'::regclass AND tgname = 'billing_entries_no_update_or_delete')
+        OR NOT EXISTS (SELECT 1 FROM pg_attribute
+                       WHERE attrelid = 'billing_entries'::regclass AND attname = 'txid' AND NOT attisdropped)
+        OR to_regclass('billing_entries_feed') IS NULL
+        OR to_regclass('appointments_newest') IS NULL
+        OR to_regclass('appointments_by_physician') IS NULL
+        OR to_regclass('appointments_by_patient') IS NULL
+        OR to_regclass('appointments_open') IS NULL
+        OR NOT EXISTS (SELECT 1 FROM pg_trigger
+                       WHERE tgrelid = 'billing_entries'::regclass AND tgname = 'billing_entries_positions_follow_the_server')
+        OR NOT EXISTS (SELECT 1 FROM pg_trigger
+                       WHERE tgrelid = 'billing_entries'::regclass AND tgname = 'billing_entries_ring_the_feed')
         OR to_regrole('clinic_owner') IS NULL
         OR EXISTS (SELECT 1 FROM pg_class
                    WHERE oid IN ('appointments'::regclass, 'billing_queue'::regclass, 'billing_entries'::regclass)
@@ -66,6 +77,21 @@ CREATE TABLE IF NOT EXISTS appointments (
     CONSTRAINT appointments_ends_after_start CHECK (end_date >= start_date),
     CONSTRAINT appointments_priced_when_ended CHECK ((end_date IS NULL) = (price IS NULL))
 );
+
+-- The listings of GET /appointments (LIST_APPOINTMENTS in appointments.py): newest first by
+-- start_date, ties broken by id, one page after another by keyset ((start_date, id) < the
+-- cursor's), never OFFSET, so that a deep page costs what the first one does. One index per
+-- filter, each read backwards from the cursor:
+--   no filter, and status=ended (nearly every row is ended: the filter drops the few open ones)
+CREATE INDEX IF NOT EXISTS appointments_newest ON appointments (start_date, id);
+--   physician_id= (with any status or patient)
+CREATE INDEX IF NOT EXISTS appointments_by_physician ON appointments (physician_id, start_date, id);
+--   patient_id= (a patient's history, with any status)
+CREATE INDEX IF NOT EXISTS appointments_by_patient ON appointments (patient_id, start_date, id);
+--   status=open, also with physician_id= (the appointments in progress: a handful per physician).
+--   Partial, so it stays as small as what is open. (It names end_date, so an end can no longer
+--   be a HOT update; the end writes each index anyway once the row's page is full.)
+CREATE INDEX IF NOT EXISTS appointments_open ON appointments (start_date, id) WHERE end_date IS NULL;
 
 -- The outbox between the two services: one row per ended appointment, written in the same
 -- transaction as the end, so no charge can be lost while the billing worker is down.
@@ -124,12 +150,84 @@ END $$;
 CREATE TABLE IF NOT EXISTS billing_entries (
     appointment_id uuid          PRIMARY KEY REFERENCES billing_queue (appointment_id),
     total_price    numeric(12,2) NOT NULL CHECK (total_price >= 0),
-    created_at     timestamptz   NOT NULL DEFAULT now()
+    created_at     timestamptz   NOT NULL DEFAULT now(),
+    -- The entry's position in the change feed, with appointment_id: see "The change feed" below.
+    txid           xid8          NOT NULL DEFAULT pg_current_xact_id()
 );
 
--- Serves GET /billing-entries?limit=N (LIST_ENTRIES): newest first.
+-- Serves GET /billing-entries?limit=N&before= (LIST_ENTRIES, LIST_ENTRIES_BEFORE): newest first,
+-- by keyset from the cursor.
 CREATE INDEX IF NOT EXISTS billing_entries_newest
     ON billing_entries (created_at DESC, appointment_id DESC);
+
+-- The change feed (GET /billing-entries/changes, feed.py): every entry once, in an order that no
+-- consumer can fall behind on.
+--
+-- The trap: several workers commit their batches concurrently, so ordering by created_at or by a
+-- sequence hands out positions in the order transactions *started*, while entries become visible
+-- in the order they *commit*. A reader that has moved past position 10 would never see an entry 9
+-- whose transaction commits after it read: skipped forever, a charge missing downstream.
+--
+-- What is done instead: txid is the inserting transaction's id (its top-level xid8, assigned by the
+-- default: clinic_worker may not set it, roles.sql), and an entry's position is (txid,
+-- appointment_id). The feed hands out only entries whose txid is below the xmin of its snapshot,
+-- pg_snapshot_xmin(pg_current_snapshot()): every transaction with an id below it has ended, and
+-- every transaction still running or yet to start has an id at or above it, so no entry can ever
+-- appear below a position the feed has handed out. An entry waits behind the oldest transaction
+-- still running (any that wrote, in any database of the server: normally milliseconds).
+--
+-- On a live database of the previous version, the column is added with the constant default '0'
+-- (a catalog change: no rewrite, no UPDATE, which the append-only triggers would refuse), then
+-- its default becomes pg_current_xact_id(), in one transaction: every entry committed before it
+-- sits at txid 0, ordered by appointment_id, ahead of every later one, which is the truth.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'billing_entries'::regclass AND attname = 'txid' AND NOT attisdropped) THEN
+        ALTER TABLE billing_entries ADD COLUMN txid xid8 NOT NULL DEFAULT '0';
+        ALTER TABLE billing_entries ALTER COLUMN txid SET DEFAULT pg_current_xact_id();
+    END IF;
+END $$;
+
+-- Serves the feed's pages (FEED_FROM_START, FEED_AFTER), its cursor check (POSITION) and the
+-- guard below: a range of positions below the horizon, in order.
+CREATE INDEX IF NOT EXISTS billing_entries_feed ON billing_entries (txid, appointment_id);
+
+-- Positions rest on the server's transaction counter, which only moves forward, on a physical
+-- copy too (a replica, a base backup, pg_upgrade). A pg_dump restored into a new cluster keeps
+-- the entries' txids but starts the counter low: new entries would sort below entries already
+-- handed out, and consumers following the feed would never see them. So before every insert into
+-- the ledger this refuses, with SQLSTATE 55000 (object_not_in_prerequisite_state: the system's
+-- fault, the worker retries the pass and spends no attempt of any row), when a committed entry
+-- carries a txid at or above its snapshot's xmax, which no transaction of this server can have.
+-- docs/operations.md ("Restore") says how to move the counter past them. One probe of
+-- billing_entries_feed per statement.
+CREATE OR REPLACE FUNCTION billing_entries_positions_follow_the_server() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM billing_entries
+               WHERE txid >= pg_snapshot_xmax(pg_current_snapshot()) AND txid <> pg_current_xact_id()) THEN
+        RAISE EXCEPTION 'billing_entries holds positions ahead of this server''s transaction ids (%)',
+                        pg_snapshot_xmax(pg_current_snapshot())
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'New entries would sort before entries the change feed has handed out.',
+                  HINT = 'A pg_dump restored into a new cluster: move its transaction counter past them (docs/operations.md, Restore).';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Wakes the feed's waiting requests (LedgerBell in feed.py) when entries commit: NOTIFY is sent at
+-- commit, and dropped with a rollback. Once per statement that inserted something, whoever wrote
+-- (the worker, an operator's repair in psql, a restore).
+CREATE OR REPLACE FUNCTION billing_entries_ring_the_feed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM inserted) THEN
+        PERFORM pg_notify('billing_entries', '');
+    END IF;
+    RETURN NULL;
+END
+$$;
 
 -- The ledger is append-only, for everyone: the services (roles.sql grants them no UPDATE, DELETE
 -- or TRUNCATE on it), its owner and superusers alike, so that no bug, bad manual fix or psql
@@ -170,6 +268,18 @@ DO $$ BEGIN
         CREATE TRIGGER billing_entries_no_truncate
             BEFORE TRUNCATE ON billing_entries
             FOR EACH STATEMENT EXECUTE FUNCTION billing_entries_append_only();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                   WHERE tgrelid = 'billing_entries'::regclass AND tgname = 'billing_entries_positions_follow_the_server') THEN
+        CREATE TRIGGER billing_entries_positions_follow_the_server
+            BEFORE INSERT ON billing_entries
+            FOR EACH STATEMENT EXECUTE FUNCTION billing_entries_positions_follow_the_server();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                   WHERE tgrelid = 'billing_entries'::regclass AND tgname = 'billing_entries_ring_the_feed') THEN
+        CREATE TRIGGER billing_entries_ring_the_feed
+            AFTER INSERT ON billing_entries REFERENCING NEW TABLE AS inserted
+            FOR EACH STATEMENT EXECUTE FUNCTION billing_entries_ring_the_feed();
     END IF;
 END $$;
 
