@@ -162,6 +162,15 @@ RECONCILE_CHECKS = {
         FROM billing_queue q JOIN appointments a ON a.id = q.appointment_id
         WHERE a.end_date IS NULL
         ORDER BY q.appointment_id""",
+    # A position in the change feed that no transaction of this server can have written: a dump
+    # restored into a new cluster, whose transaction counter is behind. New entries would sort
+    # before these, unseen by consumers; the ledger refuses them (schema.sql) until the counter
+    # is moved past (docs/operations.md, Restore).
+    "entry_position_ahead_of_server": """
+        SELECT e.appointment_id, e.txid::text AS txid, e.created_at
+        FROM billing_entries e
+        WHERE e.txid >= pg_snapshot_xmax(pg_current_snapshot())
+        ORDER BY e.txid, e.appointment_id""",
     # Billed, yet still pending or failed: counted twice, and billed again would be refused.
     "entry_not_marked_billed": """
         SELECT q.appointment_id, q.status, e.total_price

@@ -367,7 +367,7 @@ def test_upgrading_a_live_database_to_roles_and_triggers_under_load_loses_nothin
         "SELECT DISTINCT pg_get_userbyid(relowner) AS owner FROM pg_class WHERE relname IN ('appointments', 'billing_queue', 'billing_entries')"
     ).fetchall()
     assert owners == [{"owner": "clinic_owner"}]
-    assert db.execute("SELECT count(*) AS n FROM pg_trigger WHERE tgrelid = 'billing_entries'::regclass AND NOT tgisinternal").fetchone()["n"] == 2
+    assert db.execute("SELECT count(*) AS n FROM pg_trigger WHERE tgrelid = 'billing_entries'::regclass AND NOT tgisinternal").fetchone()["n"] == 4
     # Requests that met the upgrade's locks waited (or got a 503 to retry); none failed otherwise.
     assert set(statuses) <= {200, 201, 503}, sorted(set(statuses))
     wait_until(lambda: ledger(db)["pending"] == 0, 20, what="the backlog billed")

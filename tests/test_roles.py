@@ -37,7 +37,7 @@ COLUMNS = {
     "billing_queue": (
         "appointment_id", "total_price", "status", "attempts", "available_at", "last_error", "created_at", "processed_at", "request_id",
     ),
-    "billing_entries": ("appointment_id", "total_price", "created_at"),
+    "billing_entries": ("appointment_id", "total_price", "created_at", "txid"),
 }
 NONE: frozenset[str] = frozenset()
 
@@ -103,7 +103,7 @@ VALUES = {
         "appointment_id": f"'{ENDED}'", "total_price": "200.00", "status": "'pending'", "attempts": "1", "available_at": "now()",
         "last_error": "'probe'", "created_at": "now()", "processed_at": "NULL", "request_id": "'probe'",
     },
-    "billing_entries": {"appointment_id": f"'{QUEUED}'", "total_price": "200.00", "created_at": "now()"},
+    "billing_entries": {"appointment_id": f"'{QUEUED}'", "total_price": "200.00", "created_at": "now()", "txid": "pg_current_xact_id()"},
 }
 # An INSERT names these columns (those without a default that a new row needs), plus the cell's.
 INSERT_BASE = {
