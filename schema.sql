@@ -204,7 +204,8 @@ CREATE INDEX IF NOT EXISTS billing_entries_feed ON billing_entries (txid, appoin
 CREATE OR REPLACE FUNCTION billing_entries_positions_follow_the_server() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM billing_entries
+    -- Qualified: pg_restore runs with an empty search_path.
+    IF EXISTS (SELECT 1 FROM public.billing_entries
                WHERE txid >= pg_snapshot_xmax(pg_current_snapshot()) AND txid <> pg_current_xact_id()) THEN
         RAISE EXCEPTION 'billing_entries holds positions ahead of this server''s transaction ids (%)',
                         pg_snapshot_xmax(pg_current_snapshot())
