@@ -24,6 +24,7 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -235,11 +236,69 @@ def test_schemathesis_coverage_cases_get_documented_responses_and_no_5xx(live, l
     live.assert_no_unhandled_errors()
 
 
+NEXT_LINK = re.compile(r'^<([^>]*)>; rel="next"$')
+
+
+def next_page(link: str | None, path: str) -> dict[str, str] | None:
+    """The query of the page a Link header names (None without one): the same path, each
+    parameter once."""
+    if link is None:
+        return None
+    target = NEXT_LINK.fullmatch(link)
+    assert target, link
+    split = urllib.parse.urlsplit(target.group(1))
+    assert split.path == path and not split.scheme and not split.netloc, link
+    pairs = urllib.parse.parse_qsl(split.query, keep_blank_values=True, strict_parsing=True)
+    assert len({name for name, _ in pairs}) == len(pairs), link
+    return dict(pairs)
+
+
+def feed_tail(base: str) -> str:
+    """The change feed's cursor after its last entry: pages followed until one comes empty."""
+    query: dict[str, str] = {"limit": "1000"}
+    while True:
+        page = http.get(f"{base}/billing-entries/changes", params=query, timeout=10)
+        assert page.status_code == 200, page.text
+        if not page.json()["entries"]:
+            return page.json()["cursor"]
+        query["after"] = page.json()["cursor"]
+
+
+def known_query_values(live: Live) -> dict[str, dict[str, list[str]]]:
+    """Per operationId, valid query values the document cannot describe, for positive cases:
+    cursors the services issued (a string of the Cursor pattern is almost never one: 400) and the
+    physicians and patients of existing appointments (a random UUID lists nothing)."""
+    api, worker = live.api.base_url, live.worker.base_url
+    first = http.get(f"{api}/appointments", params={"limit": "2"}, timeout=10)
+    assert first.status_code == 200 and first.headers.get("Link"), first.text
+    entries = http.get(f"{worker}/billing-entries", params={"limit": "1"}, timeout=10)
+    assert entries.status_code == 200 and entries.headers.get("Link"), entries.text
+    one = http.get(f"{worker}/billing-entries/changes", params={"limit": "1"}, timeout=10)
+    assert one.status_code == 200 and len(one.json()["entries"]) == 1, one.text
+    return {
+        "listAppointments": {
+            "before": [next_page(first.headers["Link"], "/appointments")["before"]],
+            "physician_id": [row["physician_id"] for row in first.json()],
+            "patient_id": [row["patient_id"] for row in first.json()],
+        },
+        "listBillingEntries": {"before": [next_page(entries.headers["Link"], "/billing-entries")["before"]]},
+        "billingEntryChanges": {"after": [one.json()["cursor"], feed_tail(worker)]},
+    }
+
+
+# A positive case at the feed's tail with wait > 0 is held until its deadline (nothing commits
+# while it waits): at most this many per test are held, for 1 s each; the rest ask with wait=0.
+HELD_LONG_POLLS = 2
+
+
 @pytest.mark.parametrize("service, method, path, mode", FUZZ_CASES)
 def test_schemathesis_generated_requests_get_documented_responses_and_no_5xx(live, live_schemas, observer, service, method, path, mode):
     """FUZZ_EXAMPLES schema-valid (positive) or schema-breaking (negative) requests per operation."""
     operation = live_schemas[service][path][method]
     known_ids = live.open_ids + live.billed_ids
+    known_values = known_query_values(live).get(operation.definition.raw["operationId"], {}) if mode == "positive" else {}
+    tail = known_values.get("after", [None])[-1]
+    held = []
     excluded = _excluded_checks(operation)
 
     with requests.Session() as session:
@@ -254,7 +313,19 @@ def test_schemathesis_generated_requests_get_documented_responses_and_no_5xx(liv
             # Valid cases also reach appointments and entries that exist (a random UUID is a 404).
             if mode == "positive" and "appointment_id" in (case.path_parameters or {}) and data.draw(st.booleans(), label="known id"):
                 case.path_parameters["appointment_id"] = data.draw(st.sampled_from(known_ids), label="which")
-            case.call_and_validate(session=session, excluded_checks=excluded, timeout=10)
+            # Valid cases also carry cursors that were issued and ids that list something.
+            for name, values in known_values.items():
+                if case.query and name in case.query and data.draw(st.booleans(), label=f"known {name}"):
+                    case.query[name] = data.draw(st.sampled_from(values), label=name)
+            if case.query and case.query.get("after") == tail and int(case.query.get("wait", 0)) > 0:
+                case.query["wait"] = 1 if len(held) < HELD_LONG_POLLS else 0
+                held.append(case.query["wait"])
+            started = time.monotonic()
+            response = case.call_and_validate(session=session, excluded_checks=excluded, timeout=10)
+            if case.query and case.query.get("after") == tail and response.status_code == 200:
+                # Nothing commits meanwhile: an empty page, the same cursor, after the wait asked for.
+                assert response.json() == {"entries": [], "cursor": tail}, response.text
+                assert time.monotonic() - started >= int(case.query.get("wait", 0)) - 0.05
 
         fuzz()
     _ledger_stays_exact(live, observer)
