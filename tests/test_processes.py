@@ -318,9 +318,11 @@ def test_500_idle_slow_connections_do_not_keep_a_normal_client_waiting(services,
             sock.close()
 
 
-def test_upgrading_a_live_database_to_roles_and_triggers_under_load_loses_nothing(services, db_url, db):
-    """The first run of this version's schema.sql and roles.sql on a database the previous version
-    made (tables owned by the superuser, no ledger triggers), while ends and billing go on."""
+def test_upgrading_a_live_database_to_this_version_under_load_loses_nothing(services, db_url, db):
+    """The first run of this version's schema.sql and roles.sql on a database two versions back
+    made (tables owned by the superuser, no ledger triggers, no change feed positions, no listing
+    indexes), while ends and billing go on. Every entry is then in the change feed exactly once,
+    those billed before the upgrade first."""
     import threading
     import uuid
 
@@ -328,12 +330,14 @@ def test_upgrading_a_live_database_to_roles_and_triggers_under_load_loses_nothin
 
     from db import apply_schema
 
-    db.execute("DROP TRIGGER billing_entries_no_update_or_delete ON billing_entries")
-    db.execute("DROP TRIGGER billing_entries_no_truncate ON billing_entries")
+    for trigger in ("no_update_or_delete", "no_truncate", "positions_follow_the_server", "ring_the_feed"):
+        db.execute(f"DROP TRIGGER billing_entries_{trigger} ON billing_entries")
+    db.execute("DROP INDEX billing_entries_feed, appointments_newest, appointments_by_physician, appointments_by_patient, appointments_open")
+    db.execute("ALTER TABLE billing_entries DROP COLUMN txid")
     for table in ("appointments", "billing_queue", "billing_entries"):
         db.execute(f"ALTER TABLE {table} OWNER TO postgres")
     api = services("appointments.py", db_url).wait_healthy()
-    services("billing_worker.py", db_url, BILLING_POLL_SECONDS="0.2").wait_healthy()
+    worker = services("billing_worker.py", db_url, BILLING_POLL_SECONDS="0.2").wait_healthy()
 
     acknowledged, statuses, stop = [], [], threading.Event()
 
@@ -374,3 +378,17 @@ def test_upgrading_a_live_database_to_roles_and_triggers_under_load_loses_nothin
     assert_billed_exactly_once(db, ended=ledger(db)["ended"])
     billed = {row["appointment_id"] for row in db.execute("SELECT appointment_id::text FROM billing_entries")}
     assert set(acknowledged) <= billed
+    before_upgrade = db.execute("SELECT count(*) AS n FROM billing_entries WHERE txid = '0'").fetchone()["n"]
+    assert 0 < before_upgrade < len(billed)
+    fed, cursor = [], None
+    with requests.Session() as http:
+        while True:
+            page = http.get(worker.base_url + "/billing-entries/changes", params={"limit": 97, **({"after": cursor} if cursor else {})}, timeout=10)
+            assert page.status_code == 200, page.text
+            if not page.json()["entries"]:
+                break
+            fed += [entry["appointment_id"] for entry in page.json()["entries"]]
+            cursor = page.json()["cursor"]
+    assert len(fed) == len(set(fed)) and set(fed) == billed
+    old_first = [row["appointment_id"] for row in db.execute("SELECT appointment_id::text FROM billing_entries WHERE txid = '0' ORDER BY appointment_id")]
+    assert fed[:before_upgrade] == old_first
