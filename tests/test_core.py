@@ -228,3 +228,71 @@ def test_an_end_date_shown_in_the_repeated_hour_names_the_stored_end():
     shown = format_timestamp(stored, SP)
     assert shown == "2019-02-16 23:40:00"
     assert plan_end(row, parse_timestamp(shown, SP, "end_date"), now=None) is None
+
+
+# --- keyset paging (paging.py) ---------------------------------------------------------------
+
+import paging  # noqa: E402
+
+POSITIONS = st.builds(paging.FeedPosition, st.integers(0, 2**64 - 1), st.uuids())
+INSTANTS = st.datetimes(dt.datetime(1900, 1, 1), dt.datetime(9998, 12, 31), timezones=st.just(UTC))
+
+
+@given(POSITIONS)
+def test_a_feed_cursor_gives_back_the_position_it_was_made_from(position):
+    cursor = paging.feed_cursor(position)
+    assert paging.parse_feed_cursor(cursor) == position
+    assert len(cursor) <= 64
+
+
+def test_the_start_of_the_feed_has_a_cursor_of_its_own_distinct_from_every_position():
+    assert paging.parse_feed_cursor(paging.FEED_START) is None
+    assert paging.feed_cursor(paging.FeedPosition(0, uuid.UUID(int=0))) != paging.FEED_START
+
+
+@given(INSTANTS, st.uuids())
+def test_a_listing_cursor_gives_back_its_position_to_the_microsecond_or_second(at, row_id):
+    entries = paging.parse_list_cursor("entries", paging.list_cursor("entries", paging.ListPosition(at, row_id)))
+    assert entries == (at, row_id)
+    whole = at.replace(microsecond=0)
+    appointments = paging.parse_list_cursor("appointments", paging.list_cursor("appointments", paging.ListPosition(whole, row_id)))
+    assert appointments == (whole, row_id)
+
+
+def test_each_listing_refuses_the_cursors_of_the_others_naming_the_parameter():
+    row = paging.ListPosition(dt.datetime(2020, 12, 1, tzinfo=UTC), uuid.uuid4())
+    feed = paging.feed_cursor(paging.FeedPosition(5, row.id))
+    with pytest.raises(Problem, match="^before: "):
+        paging.parse_list_cursor("appointments", paging.list_cursor("entries", row))
+    with pytest.raises(Problem, match="^before: "):
+        paging.parse_list_cursor("entries", paging.list_cursor("appointments", row))
+    with pytest.raises(Problem, match="^before: "):
+        paging.parse_list_cursor("entries", feed)
+    with pytest.raises(Problem, match="^after: "):
+        paging.parse_feed_cursor(paging.list_cursor("entries", row))
+
+
+@pytest.mark.parametrize("cursor", ["", "x", "abc", "ZgAA==", "Zg AAAA", "F=", "Fg", "%00", "a" * 65, "ZgAAAAAAAALti8EbCtuJQEqr9WbJbeX8EB"])
+def test_a_cursor_that_is_not_one_spelled_exactly_as_issued_is_400_naming_after(cursor):
+    with pytest.raises(Problem, match="^after: ") as raised:
+        paging.parse_feed_cursor(cursor)
+    assert raised.value.status == 400
+
+
+def test_query_parameters_unknown_or_repeated_are_400_naming_them():
+    assert paging.query_params({"limit": "5"}, ("limit", "before")) == {"limit": "5"}
+    with pytest.raises(Problem, match="^bogus, zz: unknown query parameter"):
+        paging.query_params({"limit": "5", "zz": "1", "bogus": ""}, ("limit",))
+    with pytest.raises(Problem, match="^limit: given 2 times"):
+        paging.query_params({"limit": ["1", "2"]}, ("limit",))
+
+
+@pytest.mark.parametrize("raw", ["0", "1001", "", " 5", "5 ", "1_0", "+5", "-1", "1.5", "١٢", "9999999"])
+def test_a_limit_outside_1_to_1000_or_not_plain_digits_is_400_naming_it(raw):
+    with pytest.raises(Problem, match="^limit: "):
+        paging.limit_param({"limit": raw})
+
+
+def test_the_next_link_is_an_rfc_8288_header_with_the_full_relative_url():
+    link = paging.next_link("/appointments", {"status": "open", "limit": 2, "before": "YQ-_"})
+    assert link == '</appointments?status=open&limit=2&before=YQ-_>; rel="next"'
