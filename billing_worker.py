@@ -454,8 +454,8 @@ class BillingEntry:
 def create_app(
     config: Config, pool: psycopg_pool.ConnectionPool, metrics: WorkerMetrics | None = None, bell: feed.LedgerBell | None = None
 ) -> falcon.App:
-    """``bell`` (made here when not given) starts its LISTEN connection only when a request first
-    waits on the feed; whoever made it closes it."""
+    """``bell`` starts its LISTEN connection only when a request first waits on the change feed;
+    whoever made it closes it (one made here, when none is given, lives as long as the process)."""
     app = base_app(pool, metrics or WorkerMetrics(pool, config.poll_seconds), auth.guards(config.api_token_hashes))
     ledger_feed = feed.Feed(pool, bell or feed.LedgerBell(config.database_url), config.feed_max_waiters)
     app.add_route("/billing-entries", BillingEntries(pool, config))

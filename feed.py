@@ -56,7 +56,8 @@ LIMIT %(limit)s
 # A cursor is good when it names an entry the feed has handed out: one that exists and is below
 # the horizon. Entries are never removed, so a cursor that once was good stays good.
 POSITION = """
-SELECT txid < pg_snapshot_xmin(pg_current_snapshot()) AS released
+SELECT txid < pg_snapshot_xmin(pg_current_snapshot()) AS released,
+       txid >= pg_snapshot_xmax(pg_current_snapshot()) AS ahead
 FROM billing_entries
 WHERE txid = %(txid)s::xid8 AND appointment_id = %(appointment_id)s
 """
@@ -135,6 +136,8 @@ class LedgerBell:
                             self._ring()
             except psycopg.Error as exc:
                 log.warning("feed_listen_connection_lost_polling", error=str(exc).strip())
+            except Exception:  # noqa: BLE001 - this thread must outlive anything; waiters poll meanwhile
+                log.exception("feed_listen_failed_polling")
             deadline = time.monotonic() + self.RECONNECT_EVERY
             while not self._stopping and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -189,6 +192,8 @@ class Feed:
                 position = {"txid": str(after.txid), "appointment_id": after.appointment_id}
                 if check_cursor:
                     found = cur.execute(POSITION, position).fetchone()
+                    if found is not None and found["ahead"]:
+                        raise positions_ahead()  # the cursor is good; the server is not
                     if found is None or not found["released"]:
                         raise Problem(
                             400,
@@ -200,14 +205,20 @@ class Feed:
                 return rows, False
             beyond = cur.execute(BEYOND_HORIZON).fetchone()
         if beyond["ahead"]:
-            log.error("feed_positions_ahead_of_the_server")
-            raise Problem(
-                503,
-                "the ledger holds positions ahead of this server's transaction ids (a dump restored into a new cluster?); "
-                "see docs/operations.md, Restore",
-                {"Retry-After": "60"},
-            )
+            raise positions_ahead()
         return rows, beyond["held"]
+
+
+def positions_ahead() -> Problem:
+    """The ledger holds entries no transaction of this server can have written (a dump restored
+    into a new cluster): no answer would be right until the server's counter is moved past them."""
+    log.error("feed_positions_ahead_of_the_server")
+    return Problem(
+        503,
+        "the ledger holds positions ahead of this server's transaction ids (a dump restored into a new cluster?); "
+        "see docs/operations.md, Restore",
+        {"Retry-After": "60"},
+    )
 
 
 def last_position(rows: list[dict[str, Any]]) -> FeedPosition:

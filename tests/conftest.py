@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import appointments  # noqa: E402
 import billing_worker  # noqa: E402
+import feed  # noqa: E402
 from config import Config  # noqa: E402
 from db import make_pool  # noqa: E402
 
@@ -111,7 +112,9 @@ def api(config, pool):
 
 @pytest.fixture
 def billing_api(config, pool):
-    return falcon.testing.TestClient(billing_worker.create_app(config, pool))
+    bell = feed.LedgerBell(config.database_url)  # the change feed's LISTEN, closed with the test
+    yield falcon.testing.TestClient(billing_worker.create_app(config, pool, bell=bell))
+    bell.close()
 
 
 @pytest.fixture
