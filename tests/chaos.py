@@ -9,7 +9,10 @@ ids and explicit dates, recording every request as acknowledged (2xx), failed (4
 (timeout, connection error, 503), and retrying unknowns with the same body (safe: idempotent).
 Meanwhile it injects faults: SIGKILL and SIGSTOP of workers, pg_terminate_backend of service
 connections, PostgreSQL restarted fast and crashed (-m immediate), all workers down for a while,
-SIGTERM of an API process. Then it heals, drains and checks:
+SIGTERM of an API process. A feed consumer follows the ledger's change feed throughout, as an
+ERP would: small long-poll pages from whichever worker is up, always passing back the cursor it
+was given, retrying with the same cursor on errors. Then it heals, drains, lets the consumer catch
+up and checks:
 
   lost        acknowledged ends without exactly one billing entry         must be 0
   duplicated  appointments with more than one billing entry (from data)   must be 0
@@ -19,6 +22,13 @@ SIGTERM of an API process. Then it heals, drains and checks:
   http_4xx    4xx to these valid requests                                 must be 0
   stuck       charges still pending or failed after the drain             must be 0
   recovered   unknown outcomes that turned out committed                  reported
+  feed_missed       ledger entries the feed consumer never received      must be 0
+  feed_duplicated   entries it received more than once                    must be 0
+  feed_unexpected   entries it received that the ledger does not hold     must be 0
+  feed_wrong_total  entries it received with another total than the ledger's  must be 0
+  feed_errors       feed answers other than 200 and 503, empty pages whose
+                    cursor is not the one sent; a consumer not caught up  must be 0
+  feed_entries      entries the consumer received                         reported
 
 It prints the counts, the faults injected of each kind and the totals as JSON, and exits 1 on any
 failure.
@@ -52,7 +62,8 @@ from support import Service, TempCluster, as_role, fresh_database, free_port, wa
 RATE = decimal.Decimal("200.00")
 BASE_START = dt.datetime(2024, 1, 1, 8, 0, 0, tzinfo=dt.timezone.utc)
 IDLE_TIMEOUT_SECONDS = 5  # billing_worker.WORKER_SESSION
-SERVICE_APPS = ("appointments", "billing-worker", "billing-worker-listen")
+SERVICE_APPS = ("appointments", "billing-worker", "billing-worker-listen", "billing-feed-listen")
+FEED_PAGE = {"limit": "25", "wait": "1"}
 
 
 def expected_price(minutes: int) -> decimal.Decimal:
@@ -210,6 +221,86 @@ class Client(threading.Thread):
         appointment.end_acked = self.send("end", path, {"end_date": end.isoformat()}, appointment)
 
 
+class FeedConsumer(threading.Thread):
+    """Follows GET /billing-entries/changes through the faults, recording every entry it receives.
+
+    It keeps to one worker until that one is killed, stopped or fails it (a connection error, a
+    timeout, a 503 or any other error), then asks another; every retry sends the same cursor. Once
+    told the ledger is complete (catch_up), the first empty page it is then given means it has
+    everything the feed will hand out.
+    """
+
+    def __init__(self, stack: Stack, seed: int):
+        super().__init__(daemon=True)
+        self.stack, self.random = stack, random.Random(seed)
+        self.session = requests.Session()
+        self.cursor: str | None = None
+        self.received: list[tuple[str, decimal.Decimal]] = []  # (appointment_id, total_price), in order
+        self.outcomes = collections.Counter()
+        self.errors: list[str] = []  # answers that are failures of the run, not faults
+        self.worker: Service | None = None
+        self.stop = threading.Event()
+        self.complete_since: float | None = None
+        self.caught_up = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            worker = self._pick_worker()
+            if worker is None:  # all down, or all stopped: wait for one
+                self.stop.wait(0.2)
+                continue
+            asked_at = time.monotonic()
+            params = {**FEED_PAGE, **({"after": self.cursor} if self.cursor else {})}
+            try:
+                response = self.session.get(worker.base_url + "/billing-entries/changes", params=params, timeout=(2, 6))
+            except requests.RequestException:
+                self._retry_elsewhere("unknown")
+                continue
+            if response.status_code == 503:
+                self._retry_elsewhere("503")
+                continue
+            if response.status_code != 200:
+                self._error(f"{response.status_code}: {response.text[:300]}")
+                self._retry_elsewhere(f"{response.status_code // 100}xx")
+                continue
+            page = response.json(parse_float=decimal.Decimal)
+            entries = page["entries"]
+            self.outcomes["entries" if entries else "empty"] += 1
+            if not entries and self.cursor is not None and page["cursor"] != self.cursor:
+                self._error(f"an empty page moved the cursor from {self.cursor} to {page['cursor']}")
+            self.received += [(entry["appointment_id"], entry["total_price"]) for entry in entries]
+            self.cursor = page["cursor"]
+            if not entries and self.complete_since is not None and asked_at >= self.complete_since:
+                self.caught_up.set()
+                return
+
+    def catch_up(self, timeout: float) -> bool:
+        """Called once every entry is committed and below the feed's horizon: True once an empty
+        page asked for after this call came back (nothing left to receive)."""
+        self.complete_since = time.monotonic()
+        caught_up = self.caught_up.wait(timeout)
+        self.stop.set()
+        self.join(timeout=10)
+        return caught_up
+
+    def _pick_worker(self) -> Service | None:
+        running = self.stack.running_workers()
+        if self.worker not in running:
+            self.worker = self.random.choice(running) if running else None
+        return self.worker
+
+    def _retry_elsewhere(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        others = [w for w in self.stack.running_workers() if w is not self.worker]
+        self.worker = self.random.choice(others) if others else None
+        self.stop.wait(self.random.uniform(0.05, 0.3))
+
+    def _error(self, text: str) -> None:
+        self.outcomes["errors"] += 1
+        if len(self.errors) < 20:
+            self.errors.append(text)
+
+
 class Faults:
     """Injects faults on a timeline (the big ones) and at random (the small ones)."""
 
@@ -341,7 +432,12 @@ FROM billing_entries e
 """
 
 
-def check(history: History, db_url: str) -> dict:
+# Entries committed but not yet handed out by the feed: above its horizon, the oldest transaction
+# still running (any transaction of the cluster, also one that never writes to the ledger).
+PAST_THE_HORIZON = "SELECT count(*) FROM billing_entries WHERE txid >= pg_snapshot_xmin(pg_current_snapshot())"
+
+
+def check(history: History, db_url: str, feed: FeedConsumer, feed_caught_up: bool) -> dict:
     with psycopg.connect(db_url, autocommit=True) as conn:
         entries = conn.execute(LEDGER).fetchall()
         stuck = conn.execute("SELECT count(*) FROM billing_queue WHERE status <> 'billed'").fetchone()[0]
@@ -354,6 +450,7 @@ def check(history: History, db_url: str) -> dict:
     totals = {row[0]: row[1] for row in entries}
     apps = history.appointments
     acked = [a for a in apps.values() if a.end_acked]
+    fed = collections.Counter(appointment_id for appointment_id, _ in feed.received)
     return {
         "appointments": len(apps),
         "ends_acknowledged": len(acked),
@@ -369,6 +466,12 @@ def check(history: History, db_url: str) -> dict:
         "recovered": sum(
             1 for a in apps.values() if a.end_unknowns and a.id in queued_at and float(queued_at[a.id]) < a.acked_attempt_sent_at
         ),
+        "feed_entries": len(feed.received),
+        "feed_missed": sum(1 for i in per_id if i not in fed),
+        "feed_duplicated": sum(1 for n in fed.values() if n > 1),
+        "feed_unexpected": sum(1 for i in fed if i not in per_id),
+        "feed_wrong_total": sum(1 for i, total in feed.received if i in totals and total != totals[i]),
+        "feed_errors": len(feed.errors) + (0 if feed_caught_up else 1),
     }
 
 
@@ -389,9 +492,11 @@ def run(duration: float, broken: bool = False, clients: int = 8, seed: int | Non
         stop_clients = threading.Event()
         threads = [Client(stack, history, stop_clients, rng.randrange(1 << 30)) for _ in range(clients)]
         faults = Faults(stack, history, duration, rng, cluster.url)
+        feed = FeedConsumer(stack, rng.randrange(1 << 30))
         began = time.monotonic()
         for thread in threads:
             thread.start()
+        feed.start()
         faults.start()
         time.sleep(duration)
         faults.join()  # heal: no more faults; the timeline has restarted every worker it stopped
@@ -405,9 +510,17 @@ def run(duration: float, broken: bool = False, clients: int = 8, seed: int | Non
             with psycopg.connect(db_url, autocommit=True) as conn:
                 return conn.execute("SELECT count(*) FROM billing_queue WHERE status = 'pending'").fetchone()[0] == 0
 
+        def all_handed_out():
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                return conn.execute(PAST_THE_HORIZON).fetchone()[0] == 0
+
         with contextlib.suppress(AssertionError):
             wait_until(drained, 120, interval=0.5, what="the queue to drain")
-        result = check(history, db_url)
+            # Nothing is billed any more; once no entry waits past the horizon either, an empty
+            # page means the consumer has received all the feed will ever hand out.
+            wait_until(all_handed_out, 30, interval=0.2, what="every entry below the feed's horizon")
+        feed_caught_up = feed.catch_up(timeout=60)
+        result = check(history, db_url, feed, feed_caught_up)
         idle_kills = cluster.log.read_text(errors="replace").count("idle-in-transaction timeout")
         result.update(
             {
@@ -423,9 +536,19 @@ def run(duration: float, broken: bool = False, clients: int = 8, seed: int | Non
                     for event, at in faults.recovery.items()
                 },
                 "bad_responses": history.bad_responses,
+                "feed_caught_up": feed_caught_up,
+                "feed_requests": dict(sorted(feed.outcomes.items())),
+                "feed_bad_responses": feed.errors,
             }
         )
-        failures = [k for k in ("lost", "duplicated", "unexpected", "wrong_total", "stuck", "http_5xx", "http_4xx") if result[k]]
+        failures = [
+            k
+            for k in (
+                "lost", "duplicated", "unexpected", "wrong_total", "stuck", "http_5xx", "http_4xx",
+                "feed_missed", "feed_duplicated", "feed_unexpected", "feed_wrong_total", "feed_errors",
+            )
+            if result[k]
+        ]
         if any(k.startswith("api_sigterm_exit_") and k != "api_sigterm_exit_0" for k in faults.counts):
             failures.append("api_sigterm_exit")
         result["failures"] = failures

@@ -20,6 +20,10 @@ def test_under_kills_stops_restarts_and_crashes_no_charge_is_lost_doubled_or_wro
     assert result["faults"]["worker_sigkill"] > 0 and result["faults"]["pg_terminate_backend"] > 0
     assert result["faults"]["postgres_restart_fast"] == 1 and result["faults"]["postgres_restart_immediate"] == 1
     assert result["faults"]["api_sigterm_exit_0"] == 1 and result["faults"]["all_workers_down"] == 1
+    # The change feed, followed through all of it, handed out the whole ledger, each entry once.
+    assert result["feed_caught_up"] and result["feed_entries"] == result["billing_entries"]
+    for key in ("feed_missed", "feed_duplicated", "feed_unexpected", "feed_wrong_total", "feed_errors"):
+        assert result[key] == 0, (key, json.dumps(result, default=str))
 
 
 def test_negative_control_the_checker_catches_a_worker_that_charges_outside_its_claim(capsys):
@@ -27,6 +31,10 @@ def test_negative_control_the_checker_catches_a_worker_that_charges_outside_its_
     checker must say so, or it proves nothing."""
     result = chaos.run(duration=float(os.environ.get("CHAOS_CONTROL_SECONDS", "30")), broken=True)
     with capsys.disabled():
-        print("\nnegative control:", json.dumps({k: result[k] for k in ("lost", "duplicated", "faults", "failures")}, default=str))
+        shown = ("lost", "duplicated", "feed_entries", "feed_missed", "feed_duplicated", "faults", "failures")
+        print("\nnegative control:", json.dumps({k: result[k] for k in shown}, default=str))
     assert result["lost"] + result["duplicated"] > 0
     assert not result["ok"]
+    # The money is missing from the ledger, not from the feed: the consumer still got what the
+    # ledger holds, so the feed checks blame the feed only for what the feed does.
+    assert result["feed_caught_up"] and result["feed_missed"] == result["feed_duplicated"] == 0

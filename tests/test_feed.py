@@ -866,7 +866,7 @@ def test_a_dump_restored_into_a_new_cluster_is_refused_until_pg_resetwal_moves_i
             assert from_start.status_code == 503, from_start.text
             # A good cursor gets the same 503: the server is at fault, not the consumer's cursor.
             resumed = changes(restored, after=cursor)
-            assert resumed.status_code == 503 and "ahead of this server" in resumed.json()["detail"], resumed.text
+            assert resumed.status_code == 503 and "ahead of this server" in resumed.json["detail"], resumed.text
         finally:
             target_bell.close()
             target_pool.close()

@@ -4,11 +4,17 @@ stateful model of the appointments API.
 * schemathesis loads /openapi.json from each running process and sends every operation of that
   process its coverage cases (boundaries, missing and wrong-typed fields, undeclared methods) and
   FUZZ_EXAMPLES generated cases per generation mode. Every response must be no 5xx, a documented
-  status code, the documented content type, headers and schema; the ledger must stay exact.
+  status code, the documented content type, headers and schema; the ledger must stay exact. A
+  cursor is valid only when a service issued it, which no schema says: valid cases carry issued
+  ones, and long polls are kept short (a generated wait would hold a request up to 30 s).
+* Query strings of the listings and the change feed over real waitress: malformed, repeated,
+  unknown, non-ASCII and very long parameters, other listings' cursors: a 400 naming the parameter.
 * The JSON body edge cases go over the wire to waitress (with raw sockets where `requests` cannot
   say it: a 10 MB Content-Length whose body is never sent, Expect: 100-continue, chunked bodies).
 * A hypothesis RuleBasedStateMachine drives the appointments API in process against a model; when
-  each run ends, the worker drains and the billing entries must equal the ended appointments.
+  each run ends, the worker drains and the billing entries must equal the ended appointments. It
+  also lists appointments with random filters, following Link to the end (exactly the model's
+  rows, in order), and follows the change feed from a cursor it keeps: every billed entry once.
 
 Knobs: FUZZ_EXAMPLES (schemathesis examples per operation and mode, default 50),
 FUZZ_STATEFUL_EXAMPLES (state machine runs, default 50), FUZZ_STATEFUL_STEPS (steps per run, 30).
@@ -16,6 +22,7 @@ FUZZ_STATEFUL_EXAMPLES (state machine runs, default 50), FUZZ_STATEFUL_STEPS (st
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
 import json
@@ -45,6 +52,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 import appointments
+from config import Config
 from web import MAX_BODY_BYTES
 from conftest import replace
 from support import (
@@ -229,7 +237,7 @@ def test_schemathesis_coverage_cases_get_documented_responses_and_no_5xx(live, l
         for case in schema.iter_coverage_cases(
             operation, generation_modes=list(GenerationMode), generation_config=schema.config.generation_for(operation=operation)
         ):
-            case.call_and_validate(session=session, excluded_checks=_excluded_checks(operation), timeout=10)
+            case.call_and_validate(session=session, excluded_checks=_excluded_checks(operation), timeout=_timeout(operation))
             sent += 1
     assert sent > 0
     _ledger_stays_exact(live, observer)
@@ -253,43 +261,54 @@ def next_page(link: str | None, path: str) -> dict[str, str] | None:
     return dict(pairs)
 
 
-def feed_tail(base: str) -> str:
-    """The change feed's cursor after its last entry: pages followed until one comes empty."""
-    query: dict[str, str] = {"limit": "1000"}
-    while True:
-        page = http.get(f"{base}/billing-entries/changes", params=query, timeout=10)
+def feed_tail(live: Live, observer) -> str:
+    """The change feed's cursor after the ledger's last entry. An entry is handed out only once
+    every older transaction of the cluster (any database's) has ended, so an empty page does not
+    say the end was reached: pages are long polls, read until as many entries came as the ledger
+    holds (nothing is billed meanwhile: the fuzz tests leave the queue drained)."""
+    total = observer.execute("SELECT count(*) AS n FROM billing_entries").fetchone()["n"]
+    query, seen, cursor = {"limit": "1000", "wait": "5"}, 0, None
+    deadline = time.monotonic() + 60
+    while seen < total or cursor is None:
+        assert time.monotonic() < deadline, f"the feed handed out {seen} of {total} entries"
+        page = http.get(f"{live.worker.base_url}/billing-entries/changes", params=query, timeout=15)
         assert page.status_code == 200, page.text
-        if not page.json()["entries"]:
-            return page.json()["cursor"]
-        query["after"] = page.json()["cursor"]
+        seen += len(page.json()["entries"])
+        cursor = query["after"] = page.json()["cursor"]
+    assert seen == total
+    return cursor
 
 
-def known_query_values(live: Live) -> dict[str, dict[str, list[str]]]:
-    """Per operationId, valid query values the document cannot describe, for positive cases:
+def known_query_values(live: Live, observer, operation_id: str) -> dict[str, list[str]]:
+    """Valid query values of an operation that its document cannot describe, for positive cases:
     cursors the services issued (a string of the Cursor pattern is almost never one: 400) and the
     physicians and patients of existing appointments (a random UUID lists nothing)."""
     api, worker = live.api.base_url, live.worker.base_url
-    first = http.get(f"{api}/appointments", params={"limit": "2"}, timeout=10)
-    assert first.status_code == 200 and first.headers.get("Link"), first.text
-    entries = http.get(f"{worker}/billing-entries", params={"limit": "1"}, timeout=10)
-    assert entries.status_code == 200 and entries.headers.get("Link"), entries.text
-    one = http.get(f"{worker}/billing-entries/changes", params={"limit": "1"}, timeout=10)
-    assert one.status_code == 200 and len(one.json()["entries"]) == 1, one.text
-    return {
-        "listAppointments": {
+    if operation_id == "listAppointments":
+        first = http.get(f"{api}/appointments", params={"limit": "2"}, timeout=10)
+        assert first.status_code == 200 and first.headers.get("Link"), first.text
+        return {
             "before": [next_page(first.headers["Link"], "/appointments")["before"]],
             "physician_id": [row["physician_id"] for row in first.json()],
             "patient_id": [row["patient_id"] for row in first.json()],
-        },
-        "listBillingEntries": {"before": [next_page(entries.headers["Link"], "/billing-entries")["before"]]},
-        "billingEntryChanges": {"after": [one.json()["cursor"], feed_tail(worker)]},
-    }
+        }
+    if operation_id == "listBillingEntries":
+        entries = http.get(f"{worker}/billing-entries", params={"limit": "1"}, timeout=10)
+        assert entries.status_code == 200 and entries.headers.get("Link"), entries.text
+        return {"before": [next_page(entries.headers["Link"], "/billing-entries")["before"]]}
+    if operation_id == "billingEntryChanges":
+        one = http.get(f"{worker}/billing-entries/changes", params={"limit": "1", "wait": "10"}, timeout=15)
+        assert one.status_code == 200 and len(one.json()["entries"]) == 1, one.text
+        return {"after": [one.json()["cursor"], feed_tail(live, observer)]}  # the tail last
+    return {}
 
 
 CURSORS = {"before", "after"}
-# A positive case at the feed's tail with wait > 0 is held until its deadline (nothing commits
-# while it waits): at most this many per test are held, for 1 s each; the rest ask with wait=0.
-HELD_LONG_POLLS = 2
+
+
+def _timeout(operation) -> float:
+    """A long poll may be held up to its wait (30 s at most) while entries sit past the horizon."""
+    return 40 if operation.definition.raw["operationId"] == "billingEntryChanges" else 10
 
 
 @pytest.mark.parametrize("service, method, path, mode", FUZZ_CASES)
@@ -297,9 +316,8 @@ def test_schemathesis_generated_requests_get_documented_responses_and_no_5xx(liv
     """FUZZ_EXAMPLES schema-valid (positive) or schema-breaking (negative) requests per operation."""
     operation = live_schemas[service][path][method]
     known_ids = live.open_ids + live.billed_ids
-    known_values = known_query_values(live).get(operation.definition.raw["operationId"], {}) if mode == "positive" else {}
+    known_values = known_query_values(live, observer, operation.definition.raw["operationId"]) if mode == "positive" else {}
     tail = known_values.get("after", [None])[-1]
-    held = []
     excluded = _excluded_checks(operation)
 
     with requests.Session() as session:
@@ -319,15 +337,15 @@ def test_schemathesis_generated_requests_get_documented_responses_and_no_5xx(liv
             for name, values in known_values.items():
                 if case.query and name in case.query and (name in CURSORS or data.draw(st.booleans(), label=f"known {name}")):
                     case.query[name] = data.draw(st.sampled_from(values), label=name)
-            if case.query and case.query.get("after") == tail and int(case.query.get("wait", 0)) > 0:
-                case.query["wait"] = 1 if len(held) < HELD_LONG_POLLS else 0
-                held.append(case.query["wait"])
-            started = time.monotonic()
-            response = case.call_and_validate(session=session, excluded_checks=excluded, timeout=10)
-            if case.query and case.query.get("after") == tail and response.status_code == 200:
-                # Nothing commits meanwhile: an empty page, the same cursor, after the wait asked for.
+            # At the feed's tail a wait is held to its end (nothing commits meanwhile), and
+            # anywhere while entries sit past the horizon: these wait 1 s at most, none at the
+            # tail (test_a_long_poll_at_the_tail_... holds some, once).
+            at_tail = tail is not None and bool(case.query) and case.query.get("after") == tail
+            if tail is not None and case.query and "wait" in case.query:
+                case.query["wait"] = 0 if at_tail else min(int(case.query["wait"]), 1)
+            response = case.call_and_validate(session=session, excluded_checks=excluded, timeout=_timeout(operation))
+            if at_tail and response.status_code == 200:
                 assert response.json() == {"entries": [], "cursor": tail}, response.text
-                assert time.monotonic() - started >= int(case.query.get("wait", 0)) - 0.05
 
         fuzz()
     _ledger_stays_exact(live, observer)
@@ -510,6 +528,144 @@ def test_a_limit_that_is_not_a_plain_decimal_integer_is_400(live, limit):
     """limit is `type: integer`; Python's int() also reads '1_0', ' 5' and Arabic-Indic digits."""
     result = http.get(f"{live.worker.base_url}/billing-entries", params={"limit": limit}, timeout=5)
     assert_problem_response(result, 400, "limit")
+
+
+# --- query strings of the listings and the change feed, over real waitress -------------------
+
+CHANGES, LISTING, ENTRIES = "/billing-entries/changes", "/appointments", "/billing-entries"
+A_UUID = "84ab6121-c4a8-4684-8cc2-b03024ec0f1d"
+# (route, the query string exactly as sent, the parameter the 400 must name first)
+HOSTILE_QUERIES = [
+    (CHANGES, "after=%C3%A9", "after"),  # non-ASCII, percent-encoded
+    (CHANGES, "after=%FF%FE", "after"),  # percent-encoded bytes that are not UTF-8
+    (CHANGES, "after=%00", "after"),
+    (CHANGES, "after=%0D%0ALocation:%20x", "after"),  # CR LF: no header splitting either
+    (CHANGES, "after=" + "A" * 4000, "after"),  # very long, within the header limit
+    (CHANGES, "after=Rg%3D%3D", "after"),  # the start cursor, padded: not as it was issued
+    (CHANGES, "after=Rg%20", "after"),
+    (CHANGES, "after=%2BRg", "after"),
+    (CHANGES, "after=", "after"),
+    (CHANGES, "after", "after"),
+    (CHANGES, "after=Rg&after=Rg", "after"),  # repeated, even with the same value
+    (CHANGES, "wait=1&wait=1", "wait"),
+    (CHANGES, "wait=%D9%A5", "wait"),  # ARABIC-INDIC DIGIT FIVE: int() reads it
+    (CHANGES, "wait=31", "wait"),
+    (CHANGES, "wait=-1", "wait"),
+    (CHANGES, "wait=0.5", "wait"),
+    (CHANGES, "wait=1e1", "wait"),
+    (CHANGES, "limit=0", "limit"),
+    (CHANGES, "limit=1001", "limit"),
+    (CHANGES, "Wait=1", "Wait"),  # names are case-sensitive
+    (CHANGES, "before=Rg", "before"),  # the listings' parameter
+    (CHANGES, "after%00=Rg", "after\x00"),
+    (LISTING, "physician_id=%C3%A9", "physician_id"),
+    (LISTING, "physician_id=%7B" + A_UUID + "%7D", "physician_id"),  # braces: uuid.UUID() takes them
+    (LISTING, "physician_id=" + A_UUID.replace("-", ""), "physician_id"),
+    (LISTING, f"patient_id={A_UUID}&patient_id={A_UUID}", "patient_id"),
+    (LISTING, "patient_id=" + "%41" * 3000, "patient_id"),
+    (LISTING, "status=OPEN", "status"),
+    (LISTING, "status=open%00", "status"),
+    (LISTING, "status=%C3%B6pen", "status"),
+    (LISTING, "status=open,ended", "status"),
+    (LISTING, "status=open&status=ended", "status"),
+    (LISTING, "status=", "status"),
+    (LISTING, "status=open&before=" + "%41" * 3000, "before"),
+    (LISTING, "before=%FF", "before"),
+    (LISTING, "limit=1&limit=1", "limit"),
+    (LISTING, "limit=%2B5", "limit"),
+    (LISTING, "sort=start_date", "sort"),
+    (LISTING, "physician=" + A_UUID, "physician"),
+    (LISTING, "after=Rg", "after"),  # the feed's parameter
+    (ENTRIES, "before=%FF", "before"),
+    (ENTRIES, "before=a&before=b", "before"),
+    (ENTRIES, "offset=10", "offset"),
+    (ENTRIES, "wait=1", "wait"),
+]
+
+
+def get_raw(port: int, target: str | bytes) -> tuple[int, dict, bytes]:
+    """One GET of exactly this request target, bytes as given (requests would re-quote them)."""
+    target = target.encode("latin-1") if isinstance(target, str) else target
+    return raw_exchange(port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+
+def assert_names_parameter(status: int, headers: dict, body: bytes, name: str) -> dict:
+    """A clean 400 problem whose detail starts with the parameter's name."""
+    problem = assert_problem(status, headers.get("content-type", ""), body, 400)
+    assert problem["detail"].startswith(f"{name}:") or problem["detail"].startswith(f"{name}, "), problem
+    return problem
+
+
+@pytest.mark.parametrize("path, query, name", HOSTILE_QUERIES, ids=[f"{p}?{q[:40]}" for p, q, _ in HOSTILE_QUERIES])
+def test_a_malformed_repeated_or_unknown_query_parameter_is_a_400_naming_it(live, path, query, name):
+    service = "appointments" if path == LISTING else "billing"
+    status, headers, body = get_raw(live.port(service), f"{path}?{query}")
+    assert_names_parameter(status, headers, body, name)
+    assert "location" not in headers
+
+
+def test_a_cursor_of_another_listing_or_naming_no_entry_is_a_400_naming_the_parameter(live):
+    """Cursors are opaque but carry which listing issued them; a well-formed feed cursor that
+    names no entry of this ledger (another ledger's, or one from its future) is refused too."""
+    appointments_cursor = next_page(http.get(f"{live.api.base_url}/appointments?limit=1", timeout=5).headers["Link"], LISTING)["before"]
+    entries_cursor = next_page(http.get(f"{live.worker.base_url}/billing-entries?limit=1", timeout=5).headers["Link"], ENTRIES)["before"]
+    feed_cursor = http.get(f"{live.worker.base_url}{CHANGES}?limit=1&wait=10", timeout=15).json()["cursor"]
+    packed = bytearray(base64.urlsafe_b64decode(feed_cursor + "=" * (-len(feed_cursor) % 4)))
+    packed[-1] ^= 0xFF  # another appointment_id at the same txid
+    no_entry = base64.urlsafe_b64encode(bytes(packed)).rstrip(b"=").decode()
+    packed[1:9] = (0xFFFFFFFF00000000).to_bytes(8, "big")  # a txid from the far future
+    future = base64.urlsafe_b64encode(bytes(packed)).rstrip(b"=").decode()
+    cases = [
+        ("appointments", f"{LISTING}?before={entries_cursor}", "before"),
+        ("appointments", f"{LISTING}?before={feed_cursor}", "before"),
+        ("billing", f"{ENTRIES}?before={appointments_cursor}", "before"),
+        ("billing", f"{ENTRIES}?before={feed_cursor}", "before"),
+        ("billing", f"{CHANGES}?after={entries_cursor}", "after"),
+        ("billing", f"{CHANGES}?after={appointments_cursor}", "after"),
+        ("billing", f"{CHANGES}?after={no_entry}", "after"),
+        ("billing", f"{CHANGES}?after={future}", "after"),
+        ("billing", f"{CHANGES}?after={no_entry}&wait=30", "after"),  # refused at once, not held
+    ]
+    for service, target, name in cases:
+        started = time.monotonic()
+        assert_names_parameter(*get_raw(live.port(service), target), name)
+        assert time.monotonic() - started < 5, target
+
+
+@pytest.mark.parametrize("service, path", [("appointments", LISTING), ("billing", ENTRIES), ("billing", CHANGES)])
+def test_raw_non_ascii_in_a_query_or_a_target_over_16_kib_is_a_clean_problem(live, service, path):
+    """Bytes that are not ASCII in the request line are malformed HTTP, refused by waitress before
+    the app (it cannot name a parameter); a request line over the header limit is 431."""
+    port = live.port(service)
+    for query in (b"status=\xc3\xa9", b"after=\xff", b"\xc3\xa9=1"):
+        status, headers, body = get_raw(port, path.encode() + b"?" + query)
+        assert_problem(status, headers.get("content-type", ""), body, 400)
+    status, headers, body = get_raw(port, f"{path}?limit=1&x={'A' * 17000}")
+    assert_problem(status, headers.get("content-type", ""), body, 431)
+
+
+def test_a_long_poll_at_the_tail_is_held_to_its_deadline_and_one_waiter_too_many_is_503_at_once(live, observer):
+    """The feed's tail with wait=1: an empty page carrying the cursor as it was sent, after the
+    second; at most BILLING_FEED_MAX_WAITERS wait, the one more is refused at once with Retry-After."""
+    tail = feed_tail(live, observer)
+    url = f"{live.worker.base_url}{CHANGES}?after={tail}&wait=1"
+
+    def poll(_):
+        started = time.monotonic()
+        with authorized_session() as session:
+            result = session.get(url, timeout=10)
+        return result, time.monotonic() - started
+
+    with ThreadPoolExecutor(Config.feed_max_waiters + 1) as pool:
+        answers = list(pool.map(poll, range(Config.feed_max_waiters + 1)))
+    held = [(r, took) for r, took in answers if r.status_code == 200]
+    refused = [(r, took) for r, took in answers if r.status_code != 200]
+    assert len(held) == Config.feed_max_waiters and len(refused) == 1, [(r.status_code, r.text) for r, _ in answers]
+    for result, took in held:
+        assert result.json() == {"entries": [], "cursor": tail} and took >= 1.0, (result.text, took)
+    result, took = refused[0]
+    assert_problem_response(result, 503, "wait")
+    assert result.headers["Retry-After"] == "1" and took < 0.9, (result.headers, took)
 
 
 # --- bodies that are too large: refused from the headers, before the body is read -------------
@@ -752,11 +908,86 @@ def observed(result) -> dict:
     return body
 
 
-def appointments_machine(api, billing_api, biller, db):
+def observed_json(result):
+    """The JSON body with every number as the Decimal its text spells; prices with two decimals."""
+    for price in re.findall(r'"(?:price|total_price)": ([^,}]+)', result.text):
+        assert price == "null" or re.fullmatch(r"\d+\.\d{2}", price), result.text
+    return json.loads(result.text, parse_float=Decimal)
+
+
+class FeedFollower:
+    """A consumer of the change feed across the state machine's runs (which share one database):
+    its cursor, what the runs billed (id -> price) and what the feed handed out.
+
+    An entry is handed out only once every older transaction of the cluster has ended (in any
+    database: other tests may hold one open), so a billed entry may be owed for a while; but one
+    below the horizon of a read that came back empty was skipped, for good. That is checked at
+    every read, without waiting; the test checks at its end that nothing is owed any more."""
+
+    def __init__(self, billing_api, db):
+        self.billing_api, self.db = billing_api, db
+        self.cursor: str | None = None
+        self.billed: dict[str, Decimal] = {}
+        self.fed: set[str] = set()
+        self.clean = True  # False while a run is under way: one that failed may leave unknown entries
+
+    def pages(self, limit: int) -> list[dict]:
+        """Pages from the cursor until one comes empty (wait=0); their entries, in order."""
+        entries = []
+        while True:
+            params = {"limit": str(limit), **({"after": self.cursor} if self.cursor else {})}
+            result = self.billing_api.simulate_get("/billing-entries/changes", params=params)
+            assert result.status_code == 200, result.text
+            page = observed_json(result)
+            assert len(page["entries"]) <= limit, page
+            if not page["entries"]:
+                # Nothing new: the cursor as it was sent (the start's, when none was).
+                assert self.cursor is None or page["cursor"] == self.cursor, (page, self.cursor)
+                self.cursor = page["cursor"]
+                return entries
+            assert page["cursor"] != self.cursor, page
+            self.cursor = page["cursor"]
+            entries += page["entries"]
+
+    def follow(self, limit: int) -> None:
+        """Reads to an empty page: every entry billed, at its price, once; none skipped."""
+        horizon = self._horizon()  # before the read: the read's own horizon is at least this
+        for entry in self.pages(limit):
+            appointment_id = entry["appointment_id"]
+            assert appointment_id in self.billed, f"the feed handed out {entry}, which no run billed"
+            assert appointment_id not in self.fed, f"the feed handed out {entry} twice"
+            assert entry["total_price"] == self.billed[appointment_id], (entry, self.billed[appointment_id])
+            self.fed.add(appointment_id)
+        skipped = self.db.execute(
+            "SELECT appointment_id::text AS id FROM billing_entries WHERE appointment_id = ANY(%s::uuid[]) AND txid < %s::xid8",
+            [sorted(self.owed()), str(horizon)],
+        ).fetchall()
+        assert skipped == [], f"the feed read past these entries, below its horizon {horizon}, without handing them out: {skipped}"
+
+    def owed(self) -> set[str]:
+        return set(self.billed) - self.fed
+
+    def resync(self) -> None:
+        """After a failed run: whatever the ledger holds counts as billed, at its price."""
+        rows = self.db.execute("SELECT appointment_id::text AS id, total_price FROM billing_entries").fetchall()
+        self.billed.update({row["id"]: row["total_price"] for row in rows})
+
+    def _horizon(self) -> int:
+        return int(self.db.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS x").fetchone()["x"])
+
+
+def appointments_machine(api, billing_api, biller, db, feed: FeedFollower):
     class AppointmentsMachine(RuleBasedStateMachine):
         def __init__(self):
             super().__init__()
             self.model: dict[str, Modelled] = {}
+            # A few physicians and patients, so that a filter matches several appointments; all
+            # new to this run, so a filtered listing holds this run's appointments only.
+            self.physicians = [str(uuid.uuid4()) for _ in range(3)]
+            self.patients = [str(uuid.uuid4()) for _ in range(3)]
+            if not feed.clean:
+                feed.resync()
+            feed.clean = False
 
         # --- helpers
         def _pick(self, data, which):
@@ -775,10 +1006,28 @@ def appointments_machine(api, billing_api, biller, db):
         def _has(self, which) -> bool:
             return any(which(a) for a in self.model.values())
 
+        def _bill(self) -> None:
+            """The worker drains the queue: every ended appointment is billed."""
+            biller.drain()
+            for appointment in self.model.values():
+                if appointment.end is not None:
+                    appointment.billing_status = "billed"
+                    feed.billed[appointment.id] = appointment.price
+
         # --- starts
-        @rule(client_id=st.booleans(), offset=st.one_of(st.none(), START_OFFSETS), spelling=SPELLINGS, future=st.booleans())
-        def start(self, client_id, offset, spelling, future):
-            body = {"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4())}
+        @rule(
+            client_id=st.booleans(),
+            offset=st.one_of(st.none(), START_OFFSETS),
+            spelling=SPELLINGS,
+            future=st.booleans(),
+            physician=st.sampled_from([None, 0, 1, 2]),
+            patient=st.sampled_from([None, 0, 1, 2]),
+        )
+        def start(self, client_id, offset, spelling, future, physician, patient):
+            body = {
+                "physician_id": str(uuid.uuid4()) if physician is None else self.physicians[physician],
+                "patient_id": str(uuid.uuid4()) if patient is None else self.patients[patient],
+            }
             if client_id:
                 body["id"] = str(uuid.uuid4())
             start = None
@@ -798,6 +1047,19 @@ def appointments_machine(api, billing_api, biller, db):
             assert got == appointment.representation()
             assert result.headers["location"] == f"/appointments/{appointment.id}"
             self.model[appointment.id] = appointment
+
+        @rule(physician=st.integers(0, 2), count=st.integers(2, 4), same_start=st.booleans(), offset=START_OFFSETS)
+        def start_several(self, physician, count, same_start, offset):
+            """One physician's appointments with several patients, at one start_date (the listing
+            orders those by id) or a second apart."""
+            for i in range(count):
+                start = BASE + dt.timedelta(seconds=offset + (0 if same_start else i))
+                body = {"physician_id": self.physicians[physician], "patient_id": self.patients[i % 3], "start_date": shown(start)}
+                result = api.simulate_post("/appointments", json=body)
+                assert result.status_code == 201, result.text
+                appointment = Modelled(result.json["id"], body["physician_id"], body["patient_id"], start)
+                assert observed(result) == appointment.representation()
+                self.model[appointment.id] = appointment
 
         @precondition(lambda self: self.model)
         @rule(data=st.data(), with_start=st.booleans(), spelling=SPELLINGS)
@@ -882,12 +1144,52 @@ def appointments_machine(api, billing_api, biller, db):
             result = api.simulate_get(f"/appointments/{missing}") if action == "read" else api.simulate_post(f"/appointments/{missing}/end")
             assert_problem(result.status_code, result.headers["content-type"], result.text, 404, missing)
 
-        @rule()
-        def drain(self):
-            biller.drain()
-            for appointment in self.model.values():
-                if appointment.end is not None:
-                    appointment.billing_status = "billed"
+        @precondition(lambda self: self.model)
+        @rule(data=st.data(), by=st.sampled_from(["physician", "patient", "both"]), status=st.sampled_from([None, "open", "ended"]), limit=st.integers(1, 3))
+        def list_appointments(self, data, by, status, limit):
+            """Filtered by an appointment's physician, patient or both (and maybe status), in small
+            pages, following Link to the end: exactly the model's matching rows, newest first by
+            start_date, then id descending (PostgreSQL orders uuid bytewise: the hex text's order)."""
+            anchor = self._pick(data, lambda a: True)
+            query = {"limit": str(limit)}
+            if by in ("physician", "both"):
+                query["physician_id"] = anchor.physician_id
+            if by in ("patient", "both"):
+                query["patient_id"] = anchor.patient_id
+            if status is not None:
+                query["status"] = status
+            matching = [
+                a for a in self.model.values()
+                if query.get("physician_id", a.physician_id) == a.physician_id
+                and query.get("patient_id", a.patient_id) == a.patient_id
+                and status in (None, "open" if a.end is None else "ended")
+            ]
+            expected = [a.representation() for a in sorted(matching, key=lambda a: (a.start, a.id), reverse=True)]
+            listed: list[dict] = []
+            while query is not None:
+                result = api.simulate_get("/appointments", params=query)
+                assert result.status_code == 200, result.text
+                page = observed_json(result)
+                following = next_page(result.headers.get("link"), "/appointments")
+                # A page with a next one is full; the last is never empty unless it is the only one.
+                assert len(page) == limit if following else (0 < len(page) <= limit or not listed and not page), (query, page)
+                if following is not None:
+                    assert {k: v for k, v in following.items() if k != "before"} == {k: v for k, v in query.items() if k != "before"}
+                listed += page
+                assert len(listed) <= len(expected), (query, listed, expected)
+                query = following
+            assert listed == expected
+
+        @rule(limit=st.integers(1, 4))
+        def follow_feed(self, limit):
+            feed.follow(limit)
+
+        @rule(follow=st.sampled_from([None, 1, 2, 5]))
+        def drain(self, follow):
+            """The worker bills what is due; then maybe the feed is followed in pages of `follow`."""
+            self._bill()
+            if follow is not None:
+                feed.follow(follow)
 
         @invariant()
         def api_agrees_with_the_model(self):
@@ -905,7 +1207,7 @@ def appointments_machine(api, billing_api, biller, db):
             assert {r["id"]: r["total_price"] for r in rows} == {a.id: a.price for a in self.model.values() if a.end is not None}
 
         def teardown(self):
-            biller.drain()
+            self._bill()
             for appointment in self.model.values():
                 entry = billing_api.simulate_get(f"/billing-entries/{appointment.id}")
                 if appointment.end is None:
@@ -920,12 +1222,15 @@ def appointments_machine(api, billing_api, biller, db):
                     "SELECT count(*) AS n FROM billing_entries WHERE appointment_id = ANY(%s::uuid[])", [list(self.model)]
                 ).fetchone()["n"]
                 assert entries == sum(a.end is not None for a in self.model.values())
+            feed.follow(1000)
+            feed.clean = True
 
     return AppointmentsMachine
 
 
 def test_random_starts_ends_repeats_and_reads_keep_model_api_and_ledger_in_agreement(api, billing_api, biller, db):
-    machine = appointments_machine(api, billing_api, biller, db)
+    feed = FeedFollower(billing_api, db)
+    machine = appointments_machine(api, billing_api, biller, db, feed)
     run_state_machine_as_test(
         machine,
         settings=settings(
@@ -939,6 +1244,14 @@ def test_random_starts_ends_repeats_and_reads_keep_model_api_and_ledger_in_agree
     biller.drain()
     assert_billed_exactly_once(db, ended=ledger(db)["ended"])
     assert ledger(db)["ended"] > 0
+    # And the change feed, followed through all runs, handed out the whole ledger, each entry once
+    # (entries still past the horizon are waited for).
+    deadline = time.monotonic() + 60
+    while feed.owed() and time.monotonic() < deadline:
+        time.sleep(0.1)
+        feed.follow(1000)
+    assert feed.owed() == set()
+    assert feed.fed == {row["id"] for row in db.execute("SELECT appointment_id::text AS id FROM billing_entries")}
 
 
 def test_an_end_date_echoed_back_as_the_api_showed_it_is_the_same_end_date(config, pool):
