@@ -1,0 +1,538 @@
+"""deploy/k8s: the Kubernetes manifests, rendered and checked offline (no cluster, no network).
+
+`kubectl kustomize deploy/k8s` renders them (kubectl's own kustomize needs no cluster).
+kubernetes-validate checks every core object in strict mode, where an unknown field is an
+error, against the schemas of KUBERNETES_VERSION. It has no schema for CloudNativePG's Cluster,
+so that one is checked against the fields that CloudNativePG's API reference lists (CNPG_CLUSTER).
+The other tests check what docs/deploy.md promises: replicas and autoscaling, probes,
+resources, the image's user, disruption budgets, spreading, shutdown timings, where the
+services' database URLs point and that no secret value is written into a manifest.
+
+Without kubectl these tests are skipped, unless REQUIRE_KUBECTL=1, where they fail.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import kubernetes_validate
+import psycopg_pool
+import pytest
+import waitress.task
+import yaml
+from kubernetes_validate import utils as kv_utils
+
+import billing_worker
+import db
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S_DIR = ROOT / "deploy" / "k8s"
+DEPLOY_GUIDE = ROOT / "docs" / "deploy.md"
+REQUIRED = os.environ.get("REQUIRE_KUBECTL") == "1"
+
+# The newest Kubernetes that the pinned kubernetes-validate has schemas for (1.37.0 ships 1.37).
+KUBERNETES_VERSION = "1.37.0"
+NAMESPACE = "clinic-billing"
+CNPG_API = "postgresql.cnpg.io/v1"
+
+API, WORKER, MIGRATE, CLUSTER = "clinic-api", "clinic-billing-worker", "clinic-billing-migrate", "clinic-db"
+# Each Deployment: its Service, its port (config.py's variable for it), its database role.
+SERVICES = {
+    API: {"service": "clinic-api", "port": 8080, "port_variable": "APPOINTMENTS_PORT", "role": "clinic_api"},
+    WORKER: {"service": "clinic-billing", "port": 8081, "port_variable": "BILLING_PORT", "role": "clinic_worker"},
+}
+
+# How long each service may take from SIGTERM to exit, from the code that decides it.
+# The API: waitress waits this long for the requests in flight, then the pool closes.
+WAITRESS_DRAIN = inspect.signature(waitress.task.ThreadedTaskDispatcher.shutdown).parameters["timeout"].default
+POOL_CLOSE = int(inspect.signature(psycopg_pool.ConnectionPool.close).parameters["timeout"].default)
+# The worker: the batch in progress (at most its statement_timeout), the HTTP server, the pool.
+BATCH_LIMIT = int(billing_worker.WORKER_SESSION["statement_timeout"].removesuffix("s"))
+WORKER_HTTP_STOP = int(re.search(r"task_dispatcher\.shutdown\(timeout=(\d+)\)", inspect.getsource(billing_worker.main))[1])
+SHUTDOWN_SECONDS = {API: WAITRESS_DRAIN + POOL_CLOSE, WORKER: BATCH_LIMIT + WORKER_HTTP_STOP + POOL_CLOSE}
+
+
+# ---------------------------------------------------------------------------------------------
+# The CloudNativePG Cluster's fields, from the CloudNativePG 1.30 API reference:
+#   https://cloudnative-pg.io/docs/1.30/cloudnative-pg.v1
+#   (source: github.com/cloudnative-pg/cloudnative-pg, docs/src/cloudnative-pg.v1.md at v1.30.0)
+# Each object type lists every field the reference gives it; the types this Cluster uses are
+# spelled out (ClusterSpec, PostgresConfiguration, SynchronousReplicaConfiguration,
+# BootstrapConfiguration, BootstrapInitDB, AffinityConfiguration, StorageConfiguration), the rest
+# are ANY. A set is the field's enum; a Python type, its JSON type.
+
+
+class Obj:
+    """An object type of the API reference: its fields and the ones it requires."""
+
+    def __init__(self, fields: dict, required: tuple[str, ...] = ()):
+        self.fields, self.required = fields, required
+
+
+ANY = object()
+
+SYNCHRONOUS_REPLICA_CONFIGURATION = Obj(
+    {
+        "method": {"any", "first"},
+        "number": int,
+        "maxStandbyNamesFromCluster": int,
+        "standbyNamesPre": list,
+        "standbyNamesPost": list,
+        "dataDurability": {"required", "preferred"},
+        "failoverQuorum": bool,
+    },
+    required=("method", "number"),
+)
+POSTGRES_CONFIGURATION = Obj(
+    {
+        "parameters": dict,
+        "synchronous": SYNCHRONOUS_REPLICA_CONFIGURATION,
+        "pg_hba": list,
+        "pg_ident": list,
+        "syncReplicaElectionConstraint": ANY,
+        "shared_preload_libraries": list,
+        "ldap": ANY,
+        "promotionTimeout": int,
+        "enableAlterSystem": bool,
+        "extensions": list,
+    }
+)
+BOOTSTRAP_INITDB = Obj(
+    {
+        name: ANY
+        for name in (
+            "options dataChecksums encoding localeCollate localeCType locale localeProvider icuLocale icuRules "
+            "builtinLocale walSegmentSize postInitSQL postInitApplicationSQL postInitTemplateSQL import "
+            "postInitApplicationSQLRefs postInitTemplateSQLRefs postInitSQLRefs secret"
+        ).split()
+    }
+    | {"database": str, "owner": str}
+)
+BOOTSTRAP_CONFIGURATION = Obj({"initdb": BOOTSTRAP_INITDB, "recovery": ANY, "pg_basebackup": ANY})
+AFFINITY_CONFIGURATION = Obj(
+    {
+        "enablePodAntiAffinity": bool,
+        "topologyKey": str,
+        "nodeSelector": dict,
+        "nodeAffinity": ANY,
+        "tolerations": list,
+        "podAntiAffinityType": {"preferred", "required"},
+        "additionalPodAntiAffinity": ANY,
+        "additionalPodAffinity": ANY,
+    }
+)
+STORAGE_CONFIGURATION = Obj({"storageClass": str, "size": str, "resizeInUseVolumes": bool, "pvcTemplate": ANY})
+RESOURCE_REQUIREMENTS = Obj({"limits": dict, "requests": dict, "claims": list})  # Kubernetes' own type
+CLUSTER_SPEC = Obj(
+    {name: ANY for name in (
+        "inheritedMetadata imageCatalogRef imagePullPolicy schedulerName postgresUID postgresGID podSelectorRefs "
+        "replicationSlots replica superuserSecret certificates imagePullSecrets serviceAccountTemplate "
+        "serviceAccountName walStorage ephemeralVolumeSource startDelay stopDelay smartShutdownTimeout "
+        "switchoverDelay failoverDelay livenessProbeTimeout topologySpreadConstraints ephemeralVolumesSizeLimit "
+        "priorityClassName backup nodeMaintenanceWindow monitoring externalClusters logLevel "
+        "projectedVolumeTemplate env envFrom managed seccompProfile podSecurityContext securityContext "
+        "tablespaces enablePDB plugins probes primaryLease minSyncReplicas maxSyncReplicas"
+    ).split()}
+    | {
+        "description": str,
+        "imageName": str,
+        "instances": int,
+        "postgresql": POSTGRES_CONFIGURATION,
+        "bootstrap": BOOTSTRAP_CONFIGURATION,
+        "enableSuperuserAccess": bool,
+        "storage": STORAGE_CONFIGURATION,
+        "affinity": AFFINITY_CONFIGURATION,
+        "resources": RESOURCE_REQUIREMENTS,
+        "primaryUpdateStrategy": {"unsupervised", "supervised"},
+        "primaryUpdateMethod": {"switchover", "restart"},
+    },
+    required=("instances",),
+)
+CNPG_CLUSTER = Obj(
+    {"apiVersion": {CNPG_API}, "kind": {"Cluster"}, "metadata": dict, "spec": CLUSTER_SPEC, "status": ANY},
+    required=("apiVersion", "kind", "metadata", "spec"),
+)
+
+
+def cnpg_errors(value, kind, path: str = "") -> list[str]:
+    """Where ``value`` strays from ``kind`` (an Obj, an enum set, a JSON type or ANY)."""
+    if kind is ANY:
+        return []
+    if isinstance(kind, set):
+        return [] if value in kind else [f"{path}: {value!r} is not one of {sorted(kind)}"]
+    if isinstance(kind, type):
+        wrong = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+        return [f"{path}: {value!r} is not a {kind.__name__}"] if wrong else []
+    if not isinstance(value, dict):
+        return [f"{path}: {value!r} is not an object"]
+    errors = [f"{path}.{name}: required" for name in kind.required if name not in value]
+    for name, item in value.items():
+        if name not in kind.fields:
+            errors.append(f"{path}.{name}: not a field of this type in the CloudNativePG API reference")
+        else:
+            errors += cnpg_errors(item, kind.fields[name], f"{path}.{name}")
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# The rendered manifests.
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        reason = "kubectl is not on PATH (it renders deploy/k8s with its built-in kustomize)"
+        if REQUIRED:
+            pytest.fail(f"{reason} (REQUIRE_KUBECTL=1, so this is a failure, not a skip)", pytrace=False)
+        pytest.skip(reason)
+    cmd = [kubectl, "kustomize", str(K8S_DIR)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"`{' '.join(cmd)}` exited {proc.returncode}\n{proc.stderr}"
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def find(objects: list[dict], kind: str, name: str) -> dict:
+    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} rendered"
+    return matches[0]
+
+
+def pod_spec(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"]
+
+
+def pod_labels(obj: dict) -> dict:
+    return obj["spec"]["template"]["metadata"]["labels"]
+
+
+def workloads(objects: list[dict]) -> list[dict]:
+    """Everything that runs a pod: both Deployments and the migration Job."""
+    return [o for o in objects if o["kind"] in ("Deployment", "Job")]
+
+
+def container(obj: dict) -> dict:
+    (only,) = pod_spec(obj)["containers"]
+    return only
+
+
+def env(obj: dict) -> dict[str, dict]:
+    return {item["name"]: item for item in container(obj).get("env", [])}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return bool(selector) and all(labels.get(key) == value for key, value in selector.items())
+
+
+def mebibytes(quantity: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)(Mi|Gi)", quantity).groups()
+    return int(number) * (1024 if unit == "Gi" else 1)
+
+
+def dockerfile_user() -> tuple[int, int]:
+    match = re.search(r"(?m)^USER\s+(\d+):(\d+)\s*$", (ROOT / "Dockerfile").read_text())
+    assert match, "the Dockerfile has no numeric USER uid:gid"
+    return int(match[1]), int(match[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering and schema validation.
+
+
+def test_kustomize_renders_every_object_into_the_namespace_and_no_secret(rendered):
+    """kubectl kustomize renders the Deployments, Services, HPA, PDBs, Job, config and Cluster."""
+    def name(obj: dict) -> str:  # a generated ConfigMap's name ends in a hash of its contents
+        return re.sub(r"-[a-z0-9]{10}$", "-<hash>", obj["metadata"]["name"]) if obj["kind"] == "ConfigMap" else obj["metadata"]["name"]
+
+    names = {(o["kind"], name(o)) for o in rendered}
+    assert names == {
+        ("Deployment", API),
+        ("Deployment", WORKER),
+        ("Service", "clinic-api"),
+        ("Service", "clinic-billing"),
+        ("HorizontalPodAutoscaler", API),
+        ("PodDisruptionBudget", API),
+        ("PodDisruptionBudget", WORKER),
+        ("Job", MIGRATE),
+        ("ConfigMap", "clinic-billing-config-<hash>"),
+        ("Cluster", CLUSTER),
+    }
+    assert {o["metadata"].get("namespace") for o in rendered} == {NAMESPACE}
+    assert not [o for o in rendered if o["kind"] == "Secret"], "Secrets are made by hand or by CloudNativePG, never shipped"
+
+
+def test_kubernetes_version_is_the_newest_that_kubernetes_validate_knows():
+    """KUBERNETES_VERSION is the newest the installed kubernetes-validate has schemas for."""
+    newest = kv_utils.major_minor(kv_utils.latest_version())
+    assert kv_utils.major_minor(KUBERNETES_VERSION) == newest, f"kubernetes-validate knows {newest}: validate against it"
+
+
+def test_every_core_object_is_valid_in_strict_mode(rendered):
+    """Every object but the CloudNativePG Cluster passes kubernetes-validate --strict at KUBERNETES_VERSION."""
+    failures = []
+    for obj in rendered:
+        if obj["apiVersion"] == CNPG_API:
+            continue
+        try:
+            validated = kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except (kubernetes_validate.ValidationError, kubernetes_validate.SchemaNotFoundError) as exc:
+            failures.append(f"{obj['kind']}/{obj['metadata']['name']}: {exc}")
+        else:
+            assert validated == kv_utils.major_minor(KUBERNETES_VERSION)
+    assert not failures, "\n\n".join(failures)
+    assert {o["kind"] for o in rendered if o["apiVersion"] == CNPG_API} == {"Cluster"}
+
+
+def test_strict_validation_refuses_an_unknown_field(rendered):
+    """The negative control: a misspelt field in a Deployment is an error, not ignored."""
+    broken = copy.deepcopy(find(rendered, "Deployment", API))
+    container(broken)["readinesProbe"] = container(broken).pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError, match="readinesProbe"):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CloudNativePG Cluster.
+
+
+def test_cnpg_cluster_uses_only_fields_of_its_api_reference(rendered):
+    """Every field of the Cluster is one CloudNativePG 1.30's API reference names, of its type."""
+    cluster = find(rendered, "Cluster", CLUSTER)
+    assert cnpg_errors(cluster, CNPG_CLUSTER, "Cluster") == []
+
+
+def test_the_cnpg_field_check_catches_a_misspelt_field(rendered):
+    """The negative control: a misspelt or mistyped field of the Cluster is reported."""
+    cluster = copy.deepcopy(find(rendered, "Cluster", CLUSTER))
+    synchronous = cluster["spec"]["postgresql"]["synchronous"]
+    synchronous["dataDurabilty"] = synchronous.pop("dataDurability")
+    synchronous["number"] = "1"
+    assert cnpg_errors(cluster, CNPG_CLUSTER, "Cluster") == [
+        "Cluster.spec.postgresql.synchronous.number: '1' is not a int",
+        "Cluster.spec.postgresql.synchronous.dataDurabilty: not a field of this type in the CloudNativePG API reference",
+    ]
+
+
+def test_cnpg_cluster_has_three_instances_and_a_synchronous_replica_it_never_drops(rendered):
+    """3 instances; commits wait for 1+ synchronous standby, with dataDurability required."""
+    spec = find(rendered, "Cluster", CLUSTER)["spec"]
+    assert spec["instances"] == 3
+    synchronous = spec["postgresql"]["synchronous"]
+    assert 1 <= synchronous["number"] < spec["instances"]
+    # required: writes wait rather than continue without a synchronous standby ("preferred"
+    # would drop to fewer); the deprecated minSyncReplicas/maxSyncReplicas are not mixed in.
+    assert synchronous["dataDurability"] == "required"
+    assert "minSyncReplicas" not in spec and "maxSyncReplicas" not in spec
+    assert spec["affinity"]["podAntiAffinityType"] == "required"
+
+
+# ---------------------------------------------------------------------------------------------
+# The Deployments.
+
+
+def test_the_api_runs_two_or_more_replicas_scaled_on_cpu(rendered):
+    """The API's HPA scales its Deployment on CPU from 2 up; the Deployment leaves the count to it."""
+    hpa = find(rendered, "HorizontalPodAutoscaler", API)["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": API}
+    assert 2 <= hpa["minReplicas"] < hpa["maxReplicas"]
+    assert [m["resource"]["name"] for m in hpa["metrics"] if m["type"] == "Resource"] == ["cpu"]
+    assert "replicas" not in find(rendered, "Deployment", API)["spec"], "apply would undo the HPA's count"
+    # CPU utilisation is measured against the request.
+    assert container(find(rendered, "Deployment", API))["resources"]["requests"]["cpu"]
+
+
+def test_the_worker_runs_two_replicas(rendered):
+    """Two billing workers (they share the queue with SKIP LOCKED)."""
+    assert find(rendered, "Deployment", WORKER)["spec"]["replicas"] == 2
+
+
+@pytest.mark.parametrize("name", [API, WORKER])
+def test_probes_ask_health_for_liveness_and_ready_for_readiness_on_the_service_port(rendered, name):
+    """Liveness on /health (no database), readiness on /ready, on the port the service listens on."""
+    deployment = find(rendered, "Deployment", name)
+    c = container(deployment)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": SERVICES[name]["port"]}
+    assert env(deployment)[SERVICES[name]["port_variable"]]["value"] == str(SERVICES[name]["port"])
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+
+
+def test_every_container_requests_cpu_and_memory_and_has_a_memory_limit(rendered):
+    """Deployments and the Job: CPU and memory requests, a memory limit no lower than the request."""
+    for obj in workloads(rendered):
+        name, resources = obj["metadata"]["name"], container(obj).get("resources", {})
+        requests, limits = resources.get("requests", {}), resources.get("limits", {})
+        assert {"cpu", "memory"} <= set(requests), f"{name}: requests {requests}"
+        assert "memory" in limits, f"{name}: no memory limit"
+        assert mebibytes(limits["memory"]) >= mebibytes(requests["memory"]), name
+
+
+def test_every_pod_runs_as_the_images_user_read_only_and_unprivileged(rendered):
+    """runAsNonRoot as the Dockerfile's UID, read-only root, no privilege escalation, no capability."""
+    uid, gid = dockerfile_user()
+    for obj in workloads(rendered):
+        name, spec = obj["metadata"]["name"], pod_spec(obj)
+        effective = {**spec["securityContext"], **container(obj)["securityContext"]}
+        assert effective["runAsNonRoot"] is True, name
+        assert (effective["runAsUser"], effective["runAsGroup"]) == (uid, gid), name
+        assert effective["readOnlyRootFilesystem"] is True, name
+        assert effective["allowPrivilegeEscalation"] is False, name
+        assert effective["capabilities"] == {"drop": ["ALL"]}, name
+        assert effective["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        # No API token for the Kubernetes API, and no docker-link variables that config.py could
+        # mistake for its own (a Service named `appointments` sets APPOINTMENTS_PORT=tcp://...).
+        assert spec["automountServiceAccountToken"] is False, name
+        assert spec["enableServiceLinks"] is False, name
+
+
+@pytest.mark.parametrize("name", [API, WORKER])
+def test_a_writable_tmp_backs_the_read_only_root(rendered, name):
+    """/tmp is an emptyDir: waitress spills large responses to temporary files."""
+    deployment = find(rendered, "Deployment", name)
+    mounts = {m["mountPath"]: m["name"] for m in container(deployment)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+@pytest.mark.parametrize("name", [API, WORKER])
+def test_the_grace_period_covers_the_prestop_sleep_and_the_shutdown(rendered, name):
+    """preStop sleeps while endpoints drop the pod; the grace period fits that plus the shutdown."""
+    deployment = find(rendered, "Deployment", name)
+    sleep = container(deployment)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert sleep >= 5, "kube-proxy and ingresses need a few seconds to stop sending to the pod"
+    grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
+    assert grace >= sleep + SHUTDOWN_SECONDS[name], f"{grace}s < {sleep}s preStop + {SHUTDOWN_SECONDS[name]}s shutdown"
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+
+@pytest.mark.parametrize("name", [API, WORKER])
+def test_each_disruption_budget_selects_exactly_its_deployments_pods(rendered, name):
+    """The PDB matches its Deployment's pods and no other pod; it lets one go at a time."""
+    pdb = find(rendered, "PodDisruptionBudget", name)["spec"]
+    selector = pdb["selector"]["matchLabels"]
+    assert selects(selector, pod_labels(find(rendered, "Deployment", name)))
+    others = [o for o in workloads(rendered) if o["metadata"]["name"] != name]
+    assert not [o["metadata"]["name"] for o in others if selects(selector, pod_labels(o))]
+    assert pdb["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("name", [API, WORKER])
+def test_pods_spread_across_nodes(rendered, name):
+    """At most one pod more on any node than on another (DoNotSchedule), counting its own pods."""
+    deployment = find(rendered, "Deployment", name)
+    by_key = {t["topologyKey"]: t for t in pod_spec(deployment)["topologySpreadConstraints"]}
+    nodes = by_key["kubernetes.io/hostname"]
+    assert (nodes["maxSkew"], nodes["whenUnsatisfiable"]) == (1, "DoNotSchedule")
+    assert selects(nodes["labelSelector"]["matchLabels"], pod_labels(deployment))
+
+
+@pytest.mark.parametrize("name", [API, WORKER])
+def test_each_service_selects_its_deployments_pods_and_port(rendered, name):
+    """The Service's selector matches its Deployment's pods only; it targets the named port."""
+    service = find(rendered, "Service", SERVICES[name]["service"])["spec"]
+    assert selects(service["selector"], pod_labels(find(rendered, "Deployment", name)))
+    others = [o for o in workloads(rendered) if o["metadata"]["name"] != name]
+    assert not [o["metadata"]["name"] for o in others if selects(service["selector"], pod_labels(o))]
+    assert [p["targetPort"] for p in service["ports"]] == ["http"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The database connection, secrets and the migration.
+
+
+def database_url(obj: dict):
+    return urlsplit(env(obj)["DATABASE_URL"]["value"])
+
+
+def secret_ref(obj: dict, variable: str) -> tuple[str, str]:
+    ref = env(obj)[variable]["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+@pytest.mark.parametrize("name", [API, WORKER, MIGRATE])
+def test_database_url_is_the_clusters_read_write_service_checked_with_its_ca(rendered, name):
+    """DATABASE_URL: host <cluster>-rw, its database, TLS verified with the <cluster>-ca certificate."""
+    obj = find(rendered, "Job" if name == MIGRATE else "Deployment", name)
+    spec = find(rendered, "Cluster", CLUSTER)["spec"]
+    url = database_url(obj)
+    assert (url.scheme, url.hostname, url.port) == ("postgresql", f"{CLUSTER}-rw", 5432)
+    assert url.path == "/" + spec["bootstrap"]["initdb"]["database"]
+    assert url.password is None, "the password comes from a Secret as PGPASSWORD"
+    query = {key: value for key, (value,) in parse_qs(url.query).items()}
+    assert query["sslmode"] == "verify-full"
+    mounts = {m["mountPath"]: m["name"] for m in container(obj)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(obj)["volumes"]}
+    ca_dir, ca_file = query["sslrootcert"].rsplit("/", 1)
+    assert volumes[mounts[ca_dir]]["secret"] == {"secretName": f"{CLUSTER}-ca", "items": [{"key": "ca.crt", "path": ca_file}]}
+
+
+def test_each_service_logs_in_as_its_own_role_with_the_password_the_migration_sets(rendered):
+    """clinic_api and clinic_worker, each with the Secret the Job sets that role's password from."""
+    job = find(rendered, "Job", MIGRATE)
+    assert set(SERVICES[n]["role"] for n in SERVICES) == set(db.ROLE_PASSWORD_VARIABLES)
+    for name, service in SERVICES.items():
+        deployment = find(rendered, "Deployment", name)
+        assert database_url(deployment).username == service["role"]
+        role_variable = db.ROLE_PASSWORD_VARIABLES[service["role"]]
+        assert secret_ref(deployment, "PGPASSWORD") == secret_ref(job, role_variable)
+
+
+def test_no_secret_value_is_written_into_a_manifest(rendered):
+    """Passwords and tokens reach the pods only as secretKeyRef or a mounted Secret, never as a value."""
+    secretish = re.compile(r"PASSWORD|TOKEN|SECRET|CREDENTIAL|_KEY$", re.I)
+    for obj in workloads(rendered):
+        name = obj["metadata"]["name"]
+        for variable, item in env(obj).items():
+            if variable == "API_TOKENS_FILE":
+                continue  # a path, checked below
+            if secretish.search(variable):
+                assert set(item) == {"name", "valueFrom"} and "secretKeyRef" in item["valueFrom"], f"{name}: {variable}"
+        assert "API_TOKENS" not in env(obj), f"{name}: tokens come from a mounted Secret (API_TOKENS_FILE)"
+        for source in container(obj).get("envFrom", []):
+            assert set(source) == {"configMapRef"}, f"{name}: envFrom {source}"
+    (config,) = [o for o in rendered if o["kind"] == "ConfigMap"]
+    assert not [key for key in config["data"] if secretish.search(key)]
+
+
+@pytest.mark.parametrize("name", [API, WORKER])
+def test_api_tokens_come_from_a_mounted_secret(rendered, name):
+    """API_TOKENS_FILE names a file of a Secret volume, readable by the pod's group only."""
+    deployment = find(rendered, "Deployment", name)
+    directory, _ = env(deployment)["API_TOKENS_FILE"]["value"].rsplit("/", 1)
+    mounts = {m["mountPath"]: m for m in container(deployment)["volumeMounts"]}
+    assert mounts[directory]["readOnly"] is True
+    volume = {v["name"]: v for v in pod_spec(deployment)["volumes"]}[mounts[directory]["name"]]
+    assert volume["secret"]["defaultMode"] == 0o440
+
+
+def test_the_migration_job_applies_the_schema_as_the_superuser_with_the_release_image(rendered):
+    """The Job runs `python db.py apply-schema` as CloudNativePG's superuser, in the Deployments' image."""
+    job = find(rendered, "Job", MIGRATE)
+    assert container(job)["command"] == ["python", "db.py", "apply-schema"]
+    assert pod_spec(job)["restartPolicy"] == "Never"
+    images = {container(o)["image"] for o in workloads(rendered)}
+    assert len(images) == 1 and not next(iter(images)).endswith(":latest"), images
+    cluster = find(rendered, "Cluster", CLUSTER)["spec"]
+    assert cluster["enableSuperuserAccess"] is True
+    assert database_url(job).username == "postgres"
+    assert secret_ref(job, "PGPASSWORD") == (f"{CLUSTER}-superuser", "password")
+    # The Job's pods are no Service's and no PDB's.
+    assert pod_labels(job)["app.kubernetes.io/component"] == "migration"
+
+
+def test_the_deploy_guide_names_every_secret_the_manifests_reference(rendered):
+    """docs/deploy.md tells how to make (or where to find) each Secret a pod reads."""
+    names = set()
+    for obj in workloads(rendered):
+        names |= {item["valueFrom"]["secretKeyRef"]["name"] for item in env(obj).values() if "valueFrom" in item}
+        names |= {v["secret"]["secretName"] for v in pod_spec(obj).get("volumes", []) if "secret" in v}
+    guide = DEPLOY_GUIDE.read_text()
+    assert names and not sorted(n for n in names if n not in guide)
