@@ -1,4 +1,5 @@
-"""The database: the connection pool both services use, and applying schema.sql and roles.sql.
+"""The database: the connection pool both services use (it follows a replicated PostgreSQL's
+leader), and applying schema.sql and roles.sql.
 
     python db.py apply-schema     # what `make schema` and the compose `migrate` service run
 
@@ -9,10 +10,14 @@ CLINIC_WORKER_PASSWORD, each when it is set (roles.sql holds no password).
 from __future__ import annotations
 
 import pathlib
+import random
 import sys
+import threading
+import time
 
 import psycopg
 import psycopg_pool
+import psycopg_pool.pool
 from psycopg import sql
 
 from config import Config, load_config_or_exit
@@ -27,21 +32,60 @@ SELECT to_regclass('appointments') IS NOT NULL
 """
 
 
-def make_pool(config: Config, name: str, max_size: int = 10, **session: str) -> psycopg_pool.ConnectionPool:
-    """A pool that is not opened yet (no I/O here); the caller opens it.
+# Run on each connection before it is handed out (LeaderPool.check_leader).
+ON_THE_LEADER = "SELECT NOT pg_is_in_recovery()"
 
-    ``check`` tests each connection before handing it out, so a PostgreSQL restart costs the
-    requests in flight at that moment and nothing after. ``session`` holds server settings for
-    every connection (e.g. idle_in_transaction_session_timeout).
+
+class LeaderPool(psycopg_pool.ConnectionPool):
+    """A connection pool that follows the leader of a replicated PostgreSQL, and finds it quickly.
+
+    - Each connection is checked before it is handed out (one round trip), so that a PostgreSQL
+      restart costs the requests in flight at that moment and nothing after. A connection to a
+      server in recovery (a leader demoted in a failover, still answering as a standby) is closed
+      there, so the pool drops it and connects again: with a multi-host DATABASE_URL and
+      target_session_attrs=read-write, libpq finds the new leader.
+    - Reconnecting: psycopg_pool doubles its wait after each failed attempt (1, 2, 4, 8 s ...),
+      so after a failover of ten seconds the first connection to the new leader came up to 5 s
+      after it took writes. Here every retry waits a jittered RETRY_SPACING instead, and all the
+      retries of one pool share one schedule, so a pool tries at most about 1/RETRY_SPACING times
+      a second however many connections it lost: quick to find a new leader, no flood on a
+      server that is down. (The pool's hook for this is schedule_task, which runs its
+      maintenance tasks.)
     """
+
+    RETRY_SPACING = 0.25
+
+    def __init__(self, conninfo: str, **kwargs):
+        self._retry_lock = threading.Lock()
+        self._next_retry = 0.0
+        super().__init__(conninfo, check=self.check_leader, **kwargs)
+
+    @staticmethod
+    def check_leader(conn: psycopg.Connection) -> None:
+        if not conn.execute(ON_THE_LEADER).fetchone()[0]:
+            conn.close()  # closed, the pool drops it instead of taking it back
+            raise psycopg.OperationalError("the server is in recovery (a standby): not the leader")
+
+    def schedule_task(self, task, delay: float) -> None:
+        if isinstance(task, psycopg_pool.pool.AddConnection):
+            with self._retry_lock:
+                now = time.monotonic()
+                at = max(now, self._next_retry) + self.RETRY_SPACING * random.uniform(0.5, 1.5)
+                self._next_retry = at
+            delay = at - now
+        super().schedule_task(task, delay)
+
+
+def make_pool(config: Config, name: str, max_size: int = 10, **session: str) -> LeaderPool:
+    """A pool that is not opened yet (no I/O here); the caller opens it. ``session`` holds server
+    settings for every connection (e.g. idle_in_transaction_session_timeout)."""
     options = " ".join(f"-c {key}={value}" for key, value in session.items())
-    return psycopg_pool.ConnectionPool(
+    return LeaderPool(
         config.database_url,
         # min < max so that a pool that gave up reconnecting after a long outage grows again.
         min_size=1,
         max_size=max_size,
         kwargs={"autocommit": True, "application_name": name, "options": options, "connect_timeout": 5},
-        check=psycopg_pool.ConnectionPool.check_connection,
         timeout=5,
         open=False,
         name=name,

@@ -1,6 +1,7 @@
 """The appointments API in process (falcon.testing) against a real PostgreSQL."""
 
 import json
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -13,7 +14,7 @@ import appointments
 from db import make_pool
 from web import MAX_BODY_BYTES
 from conftest import replace
-from support import create_database, drop_database
+from support import create_database, drop_database, free_port
 
 
 def start_body(**fields):
@@ -281,6 +282,23 @@ def test_head_answers_like_get_without_a_body(api, billing_api, make_appointment
         assert head.status_code == got.status_code == 200 and head.text == ""
         assert head.headers["content-type"] == got.headers["content-type"]
     assert api.simulate_head(f"/appointments/{uuid.uuid4()}").status_code == 404
+
+
+def test_a_pool_without_its_database_retries_about_four_times_a_second_not_faster_nor_backing_off(config):
+    """After a failover the new leader must be found within a second, and a server that is down
+    must not be flooded: the pool's retries, all its lost connections together, are spaced by
+    LeaderPool.RETRY_SPACING (psycopg_pool alone doubles its wait: 3 attempts in these 4 s)."""
+    from db import LeaderPool
+
+    pool = make_pool(replace(config, database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/none"), "tests", max_size=4)
+    pool.open(wait=False)
+    try:
+        time.sleep(4)
+        attempts = pool.get_stats().get("connections_errors", 0)
+    finally:
+        pool.close()
+    expected = 4 / LeaderPool.RETRY_SPACING
+    assert expected / 2 <= attempts <= expected * 1.5, attempts
 
 
 def test_a_read_only_database_is_503_not_500(config, db):

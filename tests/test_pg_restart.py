@@ -7,7 +7,7 @@ import psycopg
 import pytest
 import requests
 
-from support import TempCluster, assert_billed_exactly_once, fresh_database, ledger, make_backlog, wait_until
+from support import TempCluster, assert_billed_exactly_once, free_port, fresh_database, ledger, make_backlog, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -61,3 +61,50 @@ def test_services_answer_503_while_postgres_is_down_and_recover_by_themselves(cl
         assert_billed_exactly_once(conn, ended=20002)
     assert api.popen.poll() is None and worker.popen.poll() is None
     print(f"API answered again {recovery:.2f}s after PostgreSQL was back ({mode} stop)")
+
+
+def test_the_pool_drops_a_connection_to_a_server_in_recovery_and_keeps_the_leaders(cluster):
+    """A leader demoted in a failover comes back as a standby that still answers: a connection
+    to it must be dropped by the pool's check, not handed out to fail every write."""
+    import shutil
+    import subprocess
+
+    from config import Config
+    from db import LeaderPool, make_pool
+
+    # Beside the cluster's own directory, which the postgres OS user owns (pytest's tmp_path is root's).
+    home = cluster.dir / "standby-home"
+    home.mkdir()
+    as_postgres = cluster._as
+    if as_postgres:
+        shutil.chown(home, "postgres", "postgres")
+    standby = home / "data"
+    port = free_port()
+    subprocess.run([*as_postgres, f"{cluster.bindir}/pg_basebackup", "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "postgres",
+                    "-D", str(standby), "-R", "--checkpoint=fast"], check=True, capture_output=True, timeout=60)
+    subprocess.run([*as_postgres, f"{cluster.bindir}/pg_ctl", "-D", str(standby), "-l", str(home / "standby.log"), "-w", "-o",
+                    f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c max_connections=200", "start"], capture_output=True, timeout=60)
+    if not (home / "standby.log").exists() or "ready to accept read-only connections" not in (home / "standby.log").read_text():
+        raise AssertionError((home / "standby.log").read_text()[-2000:] if (home / "standby.log").exists() else "no log")
+    standby_url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    try:
+        with psycopg.connect(standby_url, autocommit=True) as conn:
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+            with pytest.raises(psycopg.OperationalError, match="recovery"):
+                LeaderPool.check_leader(conn)
+            assert conn.closed
+        with psycopg.connect(cluster.url, autocommit=True) as conn:
+            LeaderPool.check_leader(conn)
+            assert not conn.closed
+        # Through the pool: nothing from the standby is ever handed out; it times out as a 503 would.
+        pool = make_pool(Config(database_url=standby_url), "tests", max_size=2)
+        pool.open(wait=False)
+        try:
+            with pytest.raises(psycopg.OperationalError):
+                with pool.connection(timeout=2):
+                    pass
+            assert pool.get_stats().get("connections_lost", 0) + pool.get_stats().get("returns_bad", 0) >= 1
+        finally:
+            pool.close()
+    finally:
+        subprocess.run([*as_postgres, f"{cluster.bindir}/pg_ctl", "-D", str(standby), "-m", "immediate", "stop"], capture_output=True, timeout=60)
