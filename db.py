@@ -9,13 +9,16 @@ CLINIC_WORKER_PASSWORD, each when it is set (roles.sql holds no password).
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import random
 import sys
 import threading
 import time
+from typing import Iterator
 
 import psycopg
+import psycopg.errors
 import psycopg_pool
 import psycopg_pool.pool
 from psycopg import sql
@@ -36,6 +39,20 @@ SELECT to_regclass('appointments') IS NOT NULL
 ON_THE_LEADER = "SELECT NOT pg_is_in_recovery()"
 
 
+class UnreplicatedCommit(psycopg.OperationalError):
+    """A commit stopped waiting for the synchronous standby (a statement_timeout, a cancel, the
+    session ended): it is committed on the leader only, and a failover now would lose it. So it
+    is not acknowledged: the client gets a 503 and retries, and a retry finds it stored (or, after
+    a failover that lost it, does it again)."""
+
+
+def _is_unreplicated_commit(diagnostic: psycopg.errors.Diagnostic) -> bool:
+    # PostgreSQL's syncrep.c: "canceling wait for synchronous replication due to user request" (a
+    # WARNING, after which the COMMIT returns success) and "... and terminating connection due to
+    # administrator command". Matched on the English message: lc_messages must stay English.
+    return diagnostic.severity_nonlocalized == "WARNING" and "synchronous replication" in (diagnostic.message_primary or "")
+
+
 class LeaderPool(psycopg_pool.ConnectionPool):
     """A connection pool that follows the leader of a replicated PostgreSQL, and finds it quickly.
 
@@ -51,6 +68,9 @@ class LeaderPool(psycopg_pool.ConnectionPool):
       a second however many connections it lost: quick to find a new leader, no flood on a
       server that is down. (The pool's hook for this is schedule_task, which runs its
       maintenance tasks.)
+    - A commit that PostgreSQL reports as not confirmed by the synchronous standby raises
+      UnreplicatedCommit when the connection goes back (``connection()``), instead of passing
+      for acknowledged.
     """
 
     RETRY_SPACING = 0.25
@@ -58,7 +78,25 @@ class LeaderPool(psycopg_pool.ConnectionPool):
     def __init__(self, conninfo: str, **kwargs):
         self._retry_lock = threading.Lock()
         self._next_retry = 0.0
-        super().__init__(conninfo, check=self.check_leader, **kwargs)
+        super().__init__(conninfo, check=self.check_leader, configure=self._watch_commits, **kwargs)
+
+    @staticmethod
+    def _watch_commits(conn: psycopg.Connection) -> None:
+        conn.unreplicated_commits = 0
+
+        def notice(diagnostic: psycopg.errors.Diagnostic) -> None:
+            if _is_unreplicated_commit(diagnostic):
+                conn.unreplicated_commits += 1
+
+        conn.add_notice_handler(notice)
+
+    @contextlib.contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection]:
+        with super().connection(timeout=timeout) as conn:
+            seen = conn.unreplicated_commits
+            yield conn
+            if conn.unreplicated_commits != seen:
+                raise UnreplicatedCommit("the commit was not confirmed by the synchronous standby; retry: a retry finds it if it was kept")
 
     @staticmethod
     def check_leader(conn: psycopg.Connection) -> None:

@@ -33,7 +33,7 @@ import waitress.task
 import yaml
 
 from config import CENTS
-from db import SCHEMA_PRESENT
+from db import SCHEMA_PRESENT, UnreplicatedCommit
 from telemetry import REQUEST_ID_HEADER, Metrics, MetricsResource, RequestTelemetry, get_logger, request_id_from
 
 log = get_logger("clinic.web")
@@ -80,6 +80,11 @@ def _on_problem(req, resp, ex: Problem, params) -> None:
 def _on_database_unavailable(req, resp, ex: psycopg.OperationalError, params) -> None:
     log.warning("database_unavailable", error=str(ex).strip())
     _render(req, resp, 503, "the database is unavailable; retry shortly", {"Retry-After": "1"})
+
+
+def _on_unreplicated_commit(req, resp, ex: UnreplicatedCommit, params) -> None:
+    log.error("commit_not_replicated", error=str(ex))
+    _render(req, resp, 503, "the change was not confirmed by the database's standby; retry the same request: it is not done twice", {"Retry-After": "1"})
 
 
 def _on_database_not_ready(req, resp, ex: psycopg.Error, params) -> None:
@@ -260,6 +265,7 @@ def base_app(pool: psycopg_pool.ConnectionPool, metrics: Metrics, guards: list |
     app.set_error_serializer(_serialize_http_error)
     app.add_error_handler(Exception, _on_unexpected)
     app.add_error_handler(psycopg.OperationalError, _on_database_unavailable)
+    app.add_error_handler(UnreplicatedCommit, _on_unreplicated_commit)
     app.add_error_handler(
         (psycopg.errors.UndefinedTable, psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.InsufficientPrivilege),
         _on_database_not_ready,

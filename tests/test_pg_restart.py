@@ -108,3 +108,46 @@ def test_the_pool_drops_a_connection_to_a_server_in_recovery_and_keeps_the_leade
             pool.close()
     finally:
         subprocess.run([*as_postgres, f"{cluster.bindir}/pg_ctl", "-D", str(standby), "-m", "immediate", "stop"], capture_output=True, timeout=60)
+
+
+def test_a_commit_the_synchronous_standby_never_confirmed_is_503_not_acknowledged(cluster):
+    """With synchronous replication and no standby answering, a commit waits (statement_timeout
+    does not end that wait: PostgreSQL turns it off before committing). When the wait is cancelled
+    (pg_cancel_backend, a client's cancel), PostgreSQL keeps the commit on this server only, says
+    so in a WARNING, and COMMIT succeeds. The API must not answer 200 for it: a failover now would
+    lose it."""
+    import threading
+
+    import falcon.testing
+
+    import appointments
+    from config import Config
+    from db import make_pool
+
+    db_url = fresh_database(cluster.url)
+    with psycopg.connect(cluster.url, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'a_standby_that_never_comes'")
+        conn.execute("SELECT pg_reload_conf()")
+    config = Config(database_url=db_url)
+    pool = make_pool(config, "tests-syncrep")
+    pool.open(wait=True, timeout=10)
+    answers = []
+    try:
+        api = falcon.testing.TestClient(appointments.create_app(config, pool))
+        body = {"id": str(uuid.uuid4()), "physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4())}
+        request = threading.Thread(target=lambda: answers.append(api.simulate_post("/appointments", json=body)))
+        request.start()
+        with psycopg.connect(cluster.url, autocommit=True) as observer:
+            waiting = "SELECT pid FROM pg_stat_activity WHERE application_name = 'tests-syncrep' AND wait_event = 'SyncRep'"
+            pid = wait_until(lambda: (observer.execute(waiting).fetchone() or [None])[0], 10, what="a commit waiting for the standby")
+            observer.execute("SELECT pg_cancel_backend(%s)", [pid])
+        request.join(timeout=10)
+        assert answers and answers[0].status_code == 503, answers and answers[0].text
+        assert "not confirmed" in answers[0].json["detail"] and answers[0].headers["retry-after"]
+        with psycopg.connect(db_url, autocommit=True) as conn:  # committed here, only here
+            assert conn.execute("SELECT count(*) FROM appointments WHERE id = %s", [body["id"]]).fetchone()[0] == 1
+    finally:
+        with psycopg.connect(cluster.url, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
+            conn.execute("SELECT pg_reload_conf()")
+        pool.close()
