@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import random
 import sys
 import threading
 import time
@@ -41,6 +42,8 @@ CHANNEL = "billing_queue"
 # which rolls its batch back and frees the rows for the other workers.
 WORKER_SESSION = {"idle_in_transaction_session_timeout": "5s", "statement_timeout": "60s"}
 MAX_BACKOFF_SECONDS = 3600
+# A failed pass (no database, no leader) is tried again after 0.25 s, then 0.5, 1, 2 s at most.
+RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.25, 2.0
 HTTP_THREADS = 4
 
 # Due rows, oldest first; rows another worker holds are skipped, not waited for. The index
@@ -308,7 +311,9 @@ class Biller:
 class Listener:
     """Waits for NOTIFY on CHANNEL; without a working connection it only sleeps (the poll)."""
 
-    RECONNECT_EVERY = 1.0
+    # As often as the pool retries (db.LeaderPool.RETRY_SPACING): after a failover, LISTEN on
+    # the new leader within a fraction of a second of it taking writes.
+    RECONNECT_EVERY = 0.25
 
     def __init__(self, conninfo: str, stop: threading.Event):
         self._conninfo = conninfo
@@ -363,17 +368,21 @@ class Listener:
 def work(biller: Biller, listener: Listener, poll_seconds: float, stop: threading.Event, metrics: WorkerMetrics) -> None:
     """Drain, then wait for a NOTIFY or the poll interval; until stop is set."""
     reason = "poll"  # the first pass, at start, is the poll that finds what waited meanwhile
+    retry_in = RETRY_FIRST_SECONDS
     while not stop.is_set():
         metrics.wakeups.labels(reason).inc()
         try:
             biller.drain(stop, reason)
         except psycopg.Error as exc:  # PoolTimeout too
-            # The database went away, our session was ended, or the schema is not applied yet:
-            # nothing was billed by the failed transaction; stay up and try again shortly.
-            log.warning("billing_pass_failed_will_retry", error=f"{exc.__class__.__name__}: {str(exc).strip()}")
-            stop.wait(1.0)
+            # The database went away (a failover: soon back on the new leader), our session was
+            # ended, or the schema is not applied yet: nothing was billed by the failed
+            # transaction; stay up and try again, soon at first, then less often.
+            log.warning("billing_pass_failed_will_retry", error=f"{exc.__class__.__name__}: {str(exc).strip()}", retry_in_s=round(retry_in, 2))
+            stop.wait(retry_in * random.uniform(0.8, 1.2))
+            retry_in = min(retry_in * 2, RETRY_MAX_SECONDS)
             reason = "poll"
             continue
+        retry_in = RETRY_FIRST_SECONDS
         reason = listener.wait(poll_seconds) or "poll"
 
 
