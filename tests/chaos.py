@@ -22,12 +22,12 @@ up and checks:
   http_4xx    4xx to these valid requests                                 must be 0
   stuck       charges still pending or failed after the drain             must be 0
   recovered   unknown outcomes that turned out committed                  reported
-  feed_missed       ledger entries the feed consumer never received      must be 0
+  feed_missed       ledger entries the feed consumer never received       must be 0
   feed_duplicated   entries it received more than once                    must be 0
   feed_unexpected   entries it received that the ledger does not hold     must be 0
-  feed_wrong_total  entries it received with another total than the ledger's  must be 0
-  feed_errors       feed answers other than 200 and 503, empty pages whose
-                    cursor is not the one sent; a consumer not caught up  must be 0
+  feed_wrong_total  entries it received at a total not the ledger's       must be 0
+  feed_errors       feed answers but 200 and 503, empty pages that move
+                    the cursor, and a consumer that never caught up       must be 0
   feed_entries      entries the consumer received                         reported
 
 It prints the counts, the faults injected of each kind and the totals as JSON, and exits 1 on any
@@ -263,8 +263,13 @@ class FeedConsumer(threading.Thread):
                 self._error(f"{response.status_code}: {response.text[:300]}")
                 self._retry_elsewhere(f"{response.status_code // 100}xx")
                 continue
-            page = response.json(parse_float=decimal.Decimal)
-            entries = page["entries"]
+            try:
+                page = response.json(parse_float=decimal.Decimal)
+                entries = page["entries"]
+            except (ValueError, TypeError, KeyError):
+                self._error(f"200 with a body that is no page: {response.text[:300]}")
+                self._retry_elsewhere("2xx")
+                continue
             self.outcomes["entries" if entries else "empty"] += 1
             if not entries and self.cursor is not None and page["cursor"] != self.cursor:
                 self._error(f"an empty page moved the cursor from {self.cursor} to {page['cursor']}")
@@ -481,7 +486,7 @@ def run(duration: float, broken: bool = False, clients: int = 8, seed: int | Non
     cluster = TempCluster()
     workdir = cluster.dir / "logs"
     workdir.mkdir()
-    stack = None
+    stack = feed = None
     try:
         cluster.start()
         db_url = fresh_database(cluster.url)
@@ -555,6 +560,8 @@ def run(duration: float, broken: bool = False, clients: int = 8, seed: int | Non
         result["ok"] = not failures
         return result
     finally:
+        if feed is not None:
+            feed.stop.set()
         if stack is not None:
             stack.shutdown()
         if not keep:
