@@ -34,6 +34,7 @@ from web import (
     parse_uuid,
     read_json_object,
     send,
+    shown,
 )
 
 log = get_logger("clinic.appointments")
@@ -65,7 +66,7 @@ def parse_timestamp(value: str, tz: ZoneInfo, field: str) -> dt.datetime:
     """'YYYY-MM-DD HH:MM:SS' (read in tz) or ISO 8601 with an offset; kept to the whole second."""
     shape = _TIMESTAMP.fullmatch(value)
     if not shape:
-        raise Problem(400, f"{field}: expected 'YYYY-MM-DD HH:MM:SS' or ISO 8601 like '2020-12-01T13:00:00-03:00', got {value!r}")
+        raise Problem(400, f"{field}: expected 'YYYY-MM-DD HH:MM:SS' or ISO 8601 like '2020-12-01T13:00:00-03:00', got {shown(value)}")
     if value[10] == "T" and shape.group(2) is None:
         raise Problem(400, f"{field}: an ISO 8601 time with 'T' needs an offset (Z or ±HH:MM), got {value!r}")
     try:
@@ -138,7 +139,7 @@ def parse_listing(params: dict[str, str]) -> dict[str, Any]:
     params = paging.query_params(params, LIST_PARAMS)
     status = params.get("status")
     if status is not None and status not in STATUSES:
-        raise Problem(400, f"status: must be one of {', '.join(STATUSES)}, got {status!r}")
+        raise Problem(400, f"status: must be one of {', '.join(STATUSES)}, got {shown(status)}")
     return {
         "physician_id": parse_uuid(params["physician_id"], "physician_id") if "physician_id" in params else None,
         "patient_id": parse_uuid(params["patient_id"], "patient_id") if "patient_id" in params else None,

@@ -19,7 +19,7 @@ import urllib.parse
 import uuid
 from typing import Iterable, NamedTuple
 
-from web import Problem
+from web import Problem, shown
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -79,7 +79,7 @@ def parse_feed_cursor(cursor: str, field: str = "after") -> FeedPosition | None:
         return None
     packed = _decode(cursor, _FEED, _POSITION.size)
     if packed is None:
-        raise Problem(400, f"{field}: {cursor!r} is not a cursor of this feed; pass the cursor of the last page as it came, or leave {field} out to start from the beginning")
+        raise Problem(400, f"{field}: {shown(cursor)} is not a cursor of this feed; pass the cursor of the last page as it came, or leave {field} out to start from the beginning")
     txid, appointment_id = _POSITION.unpack(packed)
     return FeedPosition(txid, uuid.UUID(bytes=appointment_id))
 
@@ -98,13 +98,13 @@ def list_cursor(kind: str, position: ListPosition) -> str:
 def parse_list_cursor(kind: str, cursor: str, field: str = "before") -> ListPosition:
     packed = _decode(cursor, _ENTRIES if kind == "entries" else _APPOINTMENTS, _INSTANT.size)
     if packed is None:
-        raise Problem(400, f"{field}: {cursor!r} is not a cursor of this listing; pass the one from the Link header of the previous page")
+        raise Problem(400, f"{field}: {shown(cursor)} is not a cursor of this listing; pass the one from the Link header of the previous page")
     number, row_id = _INSTANT.unpack(packed)
     microseconds = number if kind == "entries" else number * 1_000_000
     try:
         at = EPOCH + dt.timedelta(microseconds=microseconds)
     except OverflowError:
-        raise Problem(400, f"{field}: {cursor!r} is not a cursor of this listing") from None
+        raise Problem(400, f"{field}: {shown(cursor)} is not a cursor of this listing") from None
     return ListPosition(at, uuid.UUID(bytes=row_id))
 
 
@@ -118,7 +118,9 @@ def query_params(params: dict, allowed: Iterable[str]) -> dict[str, str]:
     allowed = tuple(allowed)
     unknown = sorted(name for name in params if name not in allowed)
     if unknown:
-        raise Problem(400, f"{', '.join(unknown)}: unknown query parameter; this route takes {', '.join(allowed)}")
+        # Each as it came (the detail starts with it), but an empty or over-long name quoted.
+        named = ", ".join(name if 0 < len(name) <= 40 else shown(name, 40) for name in unknown)
+        raise Problem(400, f"{named}: unknown query parameter; this route takes {', '.join(allowed)}")
     for name, value in params.items():
         if isinstance(value, list):
             raise Problem(400, f"{name}: given {len(value)} times; give it once")
@@ -131,7 +133,7 @@ def whole_number(params: dict[str, str], name: str, default: int, low: int, high
     if raw is None:
         return default
     if not re.fullmatch(r"[0-9]{1,6}", raw) or not low <= int(raw) <= high:
-        raise Problem(400, f"{name}: must be a whole number{unit} from {low} to {high}, got {raw!r}")
+        raise Problem(400, f"{name}: must be a whole number{unit} from {low} to {high}, got {shown(raw)}")
     return int(raw)
 
 

@@ -194,6 +194,11 @@ def send(resp: falcon.Response, status: int, media: Any) -> None:
     resp.text = _dumps(media)
 
 
+def shown(value: str, limit: int = 80) -> str:
+    """What the client sent, quoted for a problem's detail, cut short when it is long."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -201,7 +206,7 @@ def parse_uuid(value: str, field: str) -> uuid.UUID:
     """The canonical 8-4-4-4-12 spelling only, as `format: uuid` documents (uuid.UUID alone would
     also take braces, urn:uuid: and hex without hyphens)."""
     if not _UUID.fullmatch(value):
-        raise Problem(400, f"{field}: must be a UUID like 84ab6121-c4a8-4684-8cc2-b03024ec0f1d, got {value!r}")
+        raise Problem(400, f"{field}: must be a UUID like 84ab6121-c4a8-4684-8cc2-b03024ec0f1d, got {shown(value)}")
     return uuid.UUID(value)
 
 

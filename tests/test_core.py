@@ -296,3 +296,12 @@ def test_a_limit_outside_1_to_1000_or_not_plain_digits_is_400_naming_it(raw):
 def test_the_next_link_is_an_rfc_8288_header_with_the_full_relative_url():
     link = paging.next_link("/appointments", {"status": "open", "limit": 2, "before": "YQ-_"})
     assert link == '</appointments?status=open&limit=2&before=YQ-_>; rel="next"'
+
+
+def test_a_problem_quotes_what_was_sent_but_cuts_a_long_value_short_and_names_an_empty_parameter():
+    with pytest.raises(Problem) as long_cursor:
+        paging.parse_feed_cursor("a" * 4000)
+    assert long_cursor.value.detail.startswith("after: 'aaaa") and "(4000 characters)" in long_cursor.value.detail
+    assert len(long_cursor.value.detail) < 300
+    with pytest.raises(Problem, match="^'': unknown query parameter"):
+        paging.query_params({"": "1"}, ("limit",))
