@@ -73,6 +73,10 @@ sys.path.insert(0, str(ROOT))
 import appointments  # noqa: E402
 from db import apply_schema  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests"))
+# What the services read from the environment, and a backlog as the API would leave it.
+from support import MAKE_BACKLOG, SERVICE_VARS  # noqa: E402
+
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 START_LUA = ROOT / "bench" / "capacity_start.lua"
 END_LUA = ROOT / "bench" / "capacity_end.lua"
@@ -86,24 +90,6 @@ PGBENCH_STATEMENTS = ("start", "end", "end without NOTIFY")
 # Open appointments made for each pgbench end run: more than 16 clients end per second here.
 PGBENCH_CEILING = 8000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-# What the services read from the environment (tests/support.py SERVICE_VARS, and the tokens).
-SERVICE_VARS = (
-    "DATABASE_URL APPOINTMENTS_PORT BILLING_PORT HOURLY_RATE APP_TIMEZONE BILLING_POLL_SECONDS "
-    "BILLING_BATCH_SIZE BILLING_MAX_ATTEMPTS BILLING_FEED_MAX_WAITERS LOG_LEVEL LOG_FORMAT API_TOKENS API_TOKENS_FILE"
-).split()
-
-# A backlog of n ended appointments with their pending charges, as the API would have left them
-# (tests/support.py MAKE_BACKLOG: durations of 1 to 180 minutes at the default rate).
-MAKE_BACKLOG = """
-WITH ended AS (
-    INSERT INTO appointments (id, physician_id, patient_id, start_date, end_date, hourly_rate, price)
-    SELECT gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), s, s + make_interval(mins => g %% 180 + 1),
-           200.00, round(200.00 * (g %% 180 + 1) / 60, 2)
-    FROM generate_series(1, %(n)s) g, (SELECT timestamptz '2020-12-01 13:00:00+00' AS s) start
-    RETURNING id, price
-)
-INSERT INTO billing_queue (appointment_id, total_price) SELECT id, price FROM ended
-"""
 
 # Open appointments for the end cells (ended by wrk with end_date 15:00: price 400.00).
 MAKE_OPEN = """
