@@ -1,0 +1,1329 @@
+"""make bench: every figure of the service next to this machine's own ceiling for it, measured in the same run (issue 11).
+
+    make bench            # .venv/bin/python bench/bench.py, after installing wrk when it is missing
+    make bench-smoke      # the same with --smoke: tiny sizes, the whole harness in well under a minute
+    .venv/bin/python bench/bench.py [--seconds 4] [--connections 4,16,64] [--backlog 100000]
+        [--e2c-rates 200,500] [--e2c-seconds 10] [--soak-requests 150000] [--out FILE] [--smoke]
+
+This file owns the harness; bench/bench_*.lua are its wrk scripts and bench/ceiling_app.py the
+framework ceiling's app. Processes, wrk runs and tables come from bench/capacity.py, the cluster
+and the ledger check from tests/support.py. Needs wrk, pgbench and the PostgreSQL server binaries
+(Debian: wrk, postgresql-15). Takes about 7 minutes on 2 cores; --smoke takes about 40 s.
+
+What it runs, as a user would: a PostgreSQL cluster of its own (initdb in a temporary directory,
+PostgreSQL's defaults, fsync on, but for the settings in BenchCluster.SETTINGS; all recorded in
+the JSON), a fresh database with the schema (db.apply_schema), and the services as
+`python appointments.py` and `python billing_worker.py` with default settings but their ports,
+DATABASE_URL (logged in as clinic_api / clinic_worker) and API_TOKENS (one token, made for the
+run, which every wrk request carries, so access control is in the hot path); their logs (INFO,
+JSON) go to files. Nothing is pinned to a CPU. The SQL that pgbench and the ceilings run comes from
+the modules' constants at run time (PGBENCH_SCRIPTS names them), never copied.
+
+Sections, as issue 11 numbers them:
+1. Framework ceiling: bench/ceiling_app.py (a JSON POST, no database) on web.make_server, with
+   wrk -t2 at each --connections: a warm-up of WARMUP_SECONDS, then --seconds measured.
+2. POST /appointments (server-made ids) and POST /appointments/{id}/end (appointments started in
+   SQL beforehand, each ended once), the same wrk settings: req/s, p50, p99, max, errors (wrk's:
+   sockets, and answers of 400 and over; the API sends no 1xx or 3xx). Next to section 1 at the
+   same connections and to pgbench (-M prepared, as clinic_api, as many clients as connections)
+   running the endpoint's own SQL (PGBENCH_SCRIPTS). No worker runs.
+3. Drain: the backlog of --backlog charges that the soak (6) made through the real end path with
+   no worker running, copied per run (CREATE DATABASE ... TEMPLATE): `billing_worker.py --once`,
+   charges/s net of its start-up (the median wall time of three `--once` on an empty queue), then
+   two `--once` started together; the ceiling: DRAIN_SQL on another copy, in one transaction.
+   Afterwards every charge must have exactly one entry (tests/support.py ledger()).
+4. End to charge: ends at each --e2c-rates (open loop from wrk, bench_paced_end.lua) for
+   --e2c-seconds, the worker running with its defaults; from each end's HTTP answer to its
+   billing entry being visible to another session (LedgerWatch): with NOTIFY, then with polling
+   only (BILLING_LISTEN=off; marked NO EFFECT when the worker still LISTENs). Ceiling: with
+   NOTIFY, the worker's own CLAIM_AND_BILL run by a bare LISTEN loop (--bare-worker); with
+   polling, the poll interval.
+5. Interference: POST /appointments at 16 connections while one worker drains a copy of the
+   backlog, against the same run's idle window just before the worker started (bench_timed_start.lua).
+6. Memory and soak: peak RSS (VmHWM) of every service process of the run, next to a process with
+   only falcon and waitress imported (MEMORY_FLOOR); the API's RSS (VmRSS) after --soak-baseline
+   and after --soak-requests requests of the soak mix (bench_soak.lua, 16 connections: the
+   backlog's ends spread over the run, the rest GET /appointments/{id} and POST /appointments
+   3:1), on a fresh API process. The soak's default of 150,000 keeps the run near 7 minutes;
+   --soak-requests 500000 is issue 11's count.
+
+Prints one table (value, ceiling, ratio, target from issue 11, PASS or MISS) and writes it with
+every raw figure and the machine's facts to bench/results/bench-<UTC yyyymmdd-hhmmss>.json (a
+smoke run: to the temporary directory), or --out. Every process it starts is stopped on exit, an
+error, Ctrl-C or SIGTERM, and should this script be killed outright (SIGKILL) the kernel still
+stops them (setpriv --pdeathsig; the cluster's postmaster gets SIGQUIT); the cluster's files go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import inspect
+import json
+import math
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import appointments  # noqa: E402
+import billing_worker  # noqa: E402
+import capacity  # noqa: E402
+import config  # noqa: E402
+import web  # noqa: E402
+from capacity import WRK_THREADS, Processes, fmt_table, free_port, run_wrk, say, tail, wait_http, write_open_appointments  # noqa: E402
+from db import apply_schema  # noqa: E402
+from support import SERVICE_VARS, TempCluster, create_database, drop_database, ledger  # noqa: E402
+
+CEILING_APP = BENCH / "ceiling_app.py"
+START_LUA = BENCH / "capacity_start.lua"  # POST /appointments; wrk adds the -H Authorization to it
+END_LUA = BENCH / "bench_end.lua"
+PACED_END_LUA = BENCH / "bench_paced_end.lua"
+SOAK_LUA = BENCH / "bench_soak.lua"
+TIMED_START_LUA = BENCH / "bench_timed_start.lua"
+
+WARMUP_SECONDS = 1
+# More connections than in-flight ends at 500/s (a few ms each), so that a send seldom waits for
+# a free one (bench_paced_end.lua); the slip is measured anyway.
+PACED_CONNECTIONS = 32
+SOAK_CONNECTIONS = 16
+INTERFERENCE_CONNECTIONS = 16
+STARTUP_RUNS = 3  # `--once` on an empty queue, for the worker's start-up (their median)
+# Variables the services read that the caller's shell must not hand them: tests/support.py's list
+# and settings newer than it.
+EXTRA_SERVICE_VARS = ("BILLING_LISTEN",)
+ROLES = {"api": "clinic_api", "worker": "clinic_worker"}
+
+# Issue 11's targets (same run, ratios; this 2-core machine).
+TARGET_START_VS_FRAMEWORK = 0.6
+TARGET_END_VS_FRAMEWORK = 0.5
+TARGET_MAX_MS_AT_64 = 1000
+TARGET_DRAIN_VS_SQL = 0.6
+TARGET_TWO_VS_ONE = 1.0
+TARGET_NOTIFY_P99_MS = 5.0
+TARGET_NOTIFY_RATE = 200
+TARGET_POLL_MARGIN_S = 1.0
+TARGET_INTERFERENCE = 1.5
+TARGET_PEAK_RSS_MB = 40
+TARGET_RSS_GROWTH_MB = 2
+
+# ---------------------------------------------------------------------------------------------
+# SQL of the harness itself (the service's own is read from its modules: PGBENCH_SCRIPTS).
+
+PENDING = "SELECT count(*) FROM billing_queue WHERE status = 'pending'"
+ANY_PENDING = "SELECT EXISTS (SELECT FROM billing_queue WHERE status = 'pending')"
+
+# The drain's ceiling: the worker's work on every pending row in one transaction, as plain SQL.
+DRAIN_SQL = (
+    """
+    INSERT INTO billing_entries (appointment_id, total_price)
+    SELECT appointment_id, total_price FROM billing_queue WHERE status = 'pending'
+    """,
+    """
+    UPDATE billing_queue SET status = 'billed', processed_at = now(), attempts = attempts + 1
+    WHERE status = 'pending'
+    """,
+)
+
+# When the entries of a drain were written: the first and the last batch's transaction start.
+DRAIN_SPAN = "SELECT extract(epoch FROM min(created_at))::float8, extract(epoch FROM max(created_at))::float8 FROM billing_entries"
+
+# LedgerWatch: the snapshot's xmin (every transaction below it has ended) and the entries written
+# by transactions at or above the previous read's xmin (billing_entries_feed serves it).
+SNAPSHOT_XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"
+NEW_ENTRIES = """
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text,
+       array(SELECT appointment_id::text FROM billing_entries WHERE txid >= %(horizon)s::xid8)
+"""
+LEDGER_CHANNEL = "billing_entries"  # schema.sql's billing_entries_ring_the_feed NOTIFYs it
+
+# Sessions of a role in this database whose last statement was a LISTEN on the worker's channel
+# (a session that LISTENs only waits afterwards, so its last statement stays that).
+LISTENING = """
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND usename = %(role)s AND query ~* %(pattern)s
+"""
+
+# The server's settings that are not PostgreSQL's built-in defaults, and the ones that shape the
+# figures whatever their source.
+CHANGED_SETTINGS = """
+SELECT name, setting, unit, source FROM pg_settings
+WHERE source NOT IN ('default', 'override') OR name = ANY(%(names)s)
+ORDER BY name
+"""
+KEY_SETTINGS = list(capacity.PG_SETTINGS)
+
+# Section 6's floor: Python with Falcon and waitress imported and a waitress server made with the
+# API's thread count (argv[1]), nothing else: the least any Falcon-on-waitress service holds. (The
+# ceiling app imports web.py, and with it psycopg, jsonschema, yaml, structlog, prometheus_client.)
+MEMORY_FLOOR = """
+import re, sys
+import falcon, waitress.server
+server = waitress.server.create_server(falcon.App(), host="127.0.0.1", port=0, threads=int(sys.argv[1]))
+print(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+server.close()
+"""
+
+# A copy of the backlog per run: FILE_COPY checkpoints before and after the copy, so each drain
+# starts with the same clean buffers and no checkpoint debt.
+COPY_DATABASE = "CREATE DATABASE {copy} TEMPLATE {template} STRATEGY FILE_COPY"
+
+
+class BenchError(Exception):
+    """The harness cannot go on; the message says why and what to change."""
+
+
+# ---------------------------------------------------------------------------------------------
+# pgbench: the endpoints' own SQL, taken from the modules at run time.
+
+# What each endpoint runs (AppointmentStore.start and .end): its statements in order, and whether
+# they share one transaction (BEGIN ... COMMIT) or each is its own (the pool's connections are in
+# autocommit). The first shape whose constants all exist in appointments.py is used, and recorded;
+# when appointments.py restructures its statements, this is the one place to follow it.
+PGBENCH_SCRIPTS = {
+    "start": [(("INSERT_APPOINTMENT",), False)],
+    "end": [
+        (("SELECT_FOR_END", "END_AND_QUEUE_CHARGE"), False),  # optimistic: read, then end if still open
+        (("LOCK_APPOINTMENT", "END_AND_QUEUE_CHARGE"), True),  # read with a row lock, end, one transaction
+    ],
+}
+# pgbench's values for the statements' parameters. An end's appointment is client c's i-th, made
+# open beforehand by capacity.MAKE_PGBENCH_OPEN; :i counts each client's ends.
+PGBENCH_APPOINTMENT = "md5('pgbench-' || :run || '-' || :client_id || '-' || :i)::uuid"
+PGBENCH_VALUES = {
+    "start": {
+        "id": "gen_random_uuid()",  # server-made ids, as the API makes them
+        "physician_id": "'ea959b03-5577-45c9-b9f7-a45d3e77ce82'::uuid",
+        "patient_id": "'86158d46-ce33-4e3d-9822-462bbff5782e'::uuid",
+        "start_date": "NULL::timestamptz",
+        "hourly_rate": "200.00",
+    },
+    "end": {
+        "id": PGBENCH_APPOINTMENT,
+        "end_date": "timestamptz '2020-12-01 15:00:00+00'",
+        "price": "400.00",
+        "request_id": "'pgbench'",
+    },
+}
+_PLACEHOLDER = re.compile(r"%%|%\((\w+)\)[sbt]")
+
+
+def module_sql(module, name: str) -> str:
+    """A module's SQL constant, or a BenchError that says what to update."""
+    text = getattr(module, name, None)
+    if not isinstance(text, str):
+        raise BenchError(
+            f"{module.__name__}.{name} is gone (or is not SQL text): bench/bench.py runs the service's own "
+            f"statements; update bench/bench.py (PGBENCH_SCRIPTS, or the ceiling that names it) to what "
+            f"{module.__name__}.py runs now"
+        )
+    return text
+
+
+def pgbench_statement(text: str, values: dict[str, str], where: str) -> str:
+    """One psycopg statement as a pgbench command: each %(name)s replaced by its pgbench value."""
+    missing = sorted({m.group(1) for m in _PLACEHOLDER.finditer(text) if m.group(1)} - set(values))
+    if missing:
+        raise BenchError(f"{where} takes {', '.join(missing)}, for which bench/bench.py has no pgbench value: add it to PGBENCH_VALUES")
+    body = _PLACEHOLDER.sub(lambda m: values[m.group(1)] if m.group(1) else "%", text).strip().rstrip(";")
+    return body + ";\n"
+
+
+def pgbench_script(kind: str) -> tuple[str, list[str]]:
+    """The pgbench script of an endpoint, and the constants it was made of."""
+    shapes = PGBENCH_SCRIPTS[kind]
+    for names, one_transaction in shapes:
+        if all(isinstance(getattr(appointments, name, None), str) for name in names):
+            break
+    else:
+        known = "; ".join(" + ".join(names) for names, _ in shapes)
+        missing = sorted({name for names, _ in shapes for name in names if not isinstance(getattr(appointments, name, None), str)})
+        raise BenchError(
+            f"pgbench {kind}: appointments.py has none of the statement sets bench/bench.py knows ({known}; missing: "
+            f"{', '.join(missing)}); add what AppointmentStore.{kind} runs now to PGBENCH_SCRIPTS in bench/bench.py"
+        )
+    statements = "".join(pgbench_statement(module_sql(appointments, name), PGBENCH_VALUES[kind], f"appointments.{name}") for name in names)
+    if kind == "end":
+        statements = "\\set i :i + 1\n" + ("BEGIN;\n" + statements + "COMMIT;\n" if one_transaction else statements)
+    return statements, [f"appointments.{name}" for name in names] + (["(one transaction)"] if one_transaction and len(names) > 1 else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# The cluster
+
+
+class BenchCluster(TempCluster):
+    """tests/support.py's TempCluster (initdb in a temporary directory, removed by destroy()),
+    started for benchmarks: PostgreSQL's defaults, fsync on, except SETTINGS; in the foreground,
+    as a child of this script, so that it cannot outlive it: setpriv --pdeathsig sends the
+    postmaster SIGQUIT (immediate shutdown) should runuser, which this script's death stops, go."""
+
+    SETTINGS = {
+        "listen_addresses": "127.0.0.1",
+        # pgbench's 64 clients next to the API's pool, the workers' and the harness's own sessions
+        # (the default of 100 is too close).
+        "max_connections": "200",
+    }
+
+    def start_in(self, processes: Processes) -> None:
+        options = [arg for key, value in self.SETTINGS.items() for arg in ("-c", f"{key}={value}")]
+        argv = [*self._as, "setpriv", "--pdeathsig", "QUIT", "--", os.path.join(self.bindir, "postgres"),
+                "-D", str(self.data), "-p", str(self.port), "-k", str(self.dir), *options]
+        self.process = processes.start("postgres", argv, dict(os.environ), stdout_path=self.log)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                psycopg.connect(self.url, connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"the benchmark cluster did not start:\n{tail(self.log)}") from None
+                time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readings
+
+
+def proc_status_kb(pid: int, field: str) -> int | None:
+    """VmHWM (peak resident set) or VmRSS of a process, in kB; None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest rank, as wrk reports its percentiles."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def latency_summary(values_ms: list[float]) -> dict:
+    return {
+        "n": len(values_ms),
+        "p50_ms": rounded(percentile(values_ms, 50)),
+        "p99_ms": rounded(percentile(values_ms, 99)),
+        "max_ms": rounded(max(values_ms) if values_ms else None),
+    }
+
+
+def rounded(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def wrk_figures(wrk: dict) -> dict:
+    seconds = wrk["duration_us"] / 1e6
+    return {
+        "requests": wrk["requests"],
+        "seconds": round(seconds, 3),
+        "requests_per_second": round(wrk["requests"] / seconds, 1) if seconds else 0.0,
+        "p50_ms": wrk["p50_us"] / 1000,
+        "p99_ms": wrk["p99_us"] / 1000,
+        "max_ms": wrk["max_us"] / 1000,
+        "errors": sum(v for k, v in wrk.items() if k.startswith("errors_")),
+        "wrk": wrk,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's processes
+
+
+class Run:
+    """What the sections share: the cluster, the processes, the token, the memory readings."""
+
+    def __init__(self, args, work_dir: Path):
+        self.args = args
+        self.work_dir = work_dir
+        self.processes = Processes(work_dir)
+        self.cluster_processes = Processes(work_dir)  # stopped last, after every client of it
+        self.cluster: BenchCluster | None = None
+        self.token = secrets.token_urlsafe(32)
+        self.auth = ["-H", f"Authorization: Bearer {self.token}"]
+        self.memory: list[dict] = []  # one per service process: its peak RSS
+        self.databases: list[str] = []
+        self.conn: psycopg.Connection | None = None  # superuser, on the main database
+        self.pgbench_scripts: dict[str, str] = {}
+        self.pgbench_statements: dict[str, list[str]] = {}
+
+    def url(self, dbname: str, role: str | None = None) -> str:
+        return psycopg.conninfo.make_conninfo(self.cluster.url, dbname=dbname, **({"user": role} if role else {}))
+
+    def create_database(self, name: str, template: str | None = None) -> str:
+        if template:
+            with psycopg.connect(self.cluster.url, autocommit=True) as conn:
+                conn.execute(sql.SQL(COPY_DATABASE).format(copy=sql.Identifier(name), template=sql.Identifier(template)))
+        else:
+            create_database(self.cluster.url, name)
+            apply_schema(self.url(name))
+        self.databases.append(name)
+        return self.url(name)
+
+    def drop_database(self, name: str) -> None:
+        drop_database(self.cluster.url, name)
+        self.databases.remove(name)
+
+    def service_env(self, database_url: str, **values: str) -> dict[str, str]:
+        """The caller's environment without any service setting, then the run's: a service runs
+        with its defaults but for these."""
+        env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS and k not in EXTRA_SERVICE_VARS}
+        return {**env, "DATABASE_URL": database_url, "API_TOKENS": self.token, **values}
+
+    def start_api(self, name: str, dbname: str) -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        env = self.service_env(self.url(dbname, ROLES["api"]), APPOINTMENTS_PORT=str(port))
+        process = self.processes.start(name, [sys.executable, "appointments.py"], env)
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/ready", process)
+        return process, base
+
+    def start_worker(self, name: str, dbname: str, *args: str, **settings: str) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        env = self.service_env(self.url(dbname, ROLES["worker"]), BILLING_PORT=str(port), **settings)
+        return self.processes.start(name, [sys.executable, "billing_worker.py", *args], env), port
+
+    def retire(self, name: str, kind: str, process: subprocess.Popen) -> None:
+        """Stops a service, its peak RSS read first (the kernel forgets it with the process)."""
+        peak = proc_status_kb(process.pid, "VmHWM")
+        self.processes.stop(process)
+        self.memory.append({"process": name, "kind": kind, "peak_rss_kb": peak})
+
+    def reap(self, process: subprocess.Popen, timeout: float) -> tuple[float, int | None]:
+        """Waits for a short-lived process: (its exit's time.monotonic() within 2 ms, its peak RSS
+        in kB as last read). VmHWM is read every 2 ms while it runs: wait4's ru_maxrss would be
+        simpler, but Linux counts in it the pages of the parent that forked the child. Popen gets
+        the exit code."""
+        deadline = time.monotonic() + timeout
+        peak = None
+        while True:
+            peak = proc_status_kb(process.pid, "VmHWM") or peak
+            pid, status = os.waitpid(process.pid, os.WNOHANG)
+            if pid:
+                process.returncode = os.waitstatus_to_exitcode(status)
+                return time.monotonic(), peak
+            if time.monotonic() > deadline:
+                raise BenchError(f"{process.args[-1]} did not exit within {timeout} s:\n{tail(process.log_path)}")
+            time.sleep(0.002)
+
+    # wrk runs that end when bench.py says so: a quota reached (markers) or a SIGINT.
+
+    def wrk_start(self, name: str, script: Path, url: str, connections: int, args: list[str]) -> subprocess.Popen:
+        argv = ["wrk", f"-t{WRK_THREADS}", f"-c{connections}", "-d3600s", "--timeout", "10s", "-s", str(script),
+                url, *self.auth, "--", *args]
+        return self.processes.start(name, argv, dict(os.environ), stdout_path=self.work_dir / f"{name}.out")
+
+    def wrk_stop(self, process: subprocess.Popen, markers: str | None = None, timeout: float = 600, must_finish: bool = True) -> dict:
+        """Once every thread has left its marker (bench_lib.lua's bench.finish), or at once
+        without markers: SIGINT, which wrk takes as the end of its run; its result line. A run
+        whose threads are not done after `timeout` fails, or is stopped there (must_finish=False:
+        what it did not get is counted by the caller)."""
+        deadline = time.monotonic() + timeout
+        while markers and process.poll() is None:
+            if all(Path(f"{markers}.done.{k}").exists() for k in range(WRK_THREADS)):
+                break
+            if time.monotonic() > deadline:
+                if not must_finish:
+                    break
+                raise BenchError(f"wrk did not finish its quota within {timeout} s:\n{tail(process.log_path)}")
+            time.sleep(0.02)
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        finally:
+            self.processes.stop(process)
+        text = process.log_path.read_text(errors="replace")
+        found = re.search(r"^CAPACITY (\{.*\})$", text, re.M)
+        if process.returncode != 0 or not found:
+            raise BenchError(f"wrk failed ({process.returncode}): {text}")
+        return json.loads(found.group(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1 and 2: the framework ceiling, the API, pgbench
+
+
+def http_cell(run: Run, script: Path, url: str, connections: int, warm_args: list[str] = (), args: list[str] = ()) -> dict:
+    """A warm-up, then the measured wrk run (capacity.run_wrk: -t2, --timeout 10s)."""
+    work_dir, seconds = run.work_dir, run.args.seconds
+    if run.args.warmup:
+        run_wrk(run.processes, work_dir, script, url, connections, run.args.warmup, [*run.auth, "--", *warm_args])
+    wrk = run_wrk(run.processes, work_dir, script, url, connections, seconds, [*run.auth, "--", *args])
+    return {"connections": connections, **wrk_figures(wrk)}
+
+
+def end_cell(run: Run, api: str, connections: int, expected_rps: float) -> dict:
+    """Ends of appointments started in SQL, each once: files longer than the run can use."""
+    conn, work_dir = run.conn, run.work_dir
+    warm_ids, ids = work_dir / "warm-ids.txt", work_dir / "ids.txt"
+    per_second = max(1000.0, 1.5 * expected_rps)
+    write_open_appointments(conn, math.ceil(per_second * run.args.warmup) + 100, warm_ids)
+    n = math.ceil(per_second * run.args.seconds) + 100
+    write_open_appointments(conn, n, ids)
+    queued_before = conn.execute("SELECT count(*) FROM billing_queue").fetchone()[0]
+    cell = http_cell(run, END_LUA, api, connections, [str(warm_ids), str(WRK_THREADS)], [str(ids), str(WRK_THREADS)])
+    cell["queued"] = conn.execute("SELECT count(*) FROM billing_queue").fetchone()[0] - queued_before
+    cell["repeats"] = max(0, cell["wrk"]["ids_used"] - n)
+    return cell
+
+
+def pgbench_cell(run: Run, kind: str, clients: int, number: int, expected_tps: float) -> dict:
+    """pgbench -M prepared, as clinic_api, `clients` clients for --seconds (whole seconds: -T),
+    every transaction logged (-l) for its latency percentiles."""
+    conn, work_dir = run.conn, run.work_dir
+    seconds = max(1, math.ceil(run.args.seconds))
+    per_client = 0
+    if kind == "end":  # open appointments enough for the fastest client, each ended once
+        per_client = math.ceil(1.5 * max(expected_tps, 1000) * seconds / clients) + 100
+        conn.execute(capacity.MAKE_PGBENCH_OPEN, {"run": number, "clients": clients, "per_client": per_client})
+    script = work_dir / f"pgbench-{kind}.sql"
+    script.write_text(run.pgbench_scripts[kind])
+    prefix = work_dir / f"pgbench-{number}"
+    argv = ["pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(WRK_THREADS, clients)), "-T", str(seconds),
+            "-D", f"run={number}", "-D", "i=0", "-l", f"--log-prefix={prefix}", "-f", str(script), run.url("bench", ROLES["api"])]
+    out = work_dir / "pgbench.out"
+    process = run.processes.start("pgbench", argv, dict(os.environ), stdout_path=out)
+    try:
+        process.wait(timeout=seconds + 60)
+    finally:
+        run.processes.stop(process)
+    text = out.read_text(errors="replace")
+    tps = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", text)
+    if process.returncode != 0 or not tps:
+        raise BenchError(f"pgbench {kind} failed ({process.returncode}): {text}")
+    failed = re.search(r"number of failed transactions: (\d+)", text)
+    latencies = []
+    for log in work_dir.glob(f"{prefix.name}.*"):
+        latencies += [int(line.split()[2]) / 1000 for line in log.read_text().splitlines() if line.strip()]
+        log.unlink()
+    if kind == "end":
+        left = conn.execute(
+            "SELECT count(*) FROM appointments WHERE id = md5('pgbench-' || %s || '-0-' || %s)::uuid AND end_date IS NULL",
+            [number, per_client],
+        ).fetchone()[0]
+        if not left:
+            raise BenchError(f"pgbench end at {clients} clients: client 0 ran out of open appointments")
+    return {
+        "clients": clients,
+        "seconds": seconds,
+        "transactions": len(latencies),
+        "transactions_per_second": float(tps.group(1)),
+        **latency_summary(latencies),
+        "errors": int(failed.group(1)) if failed else 0,
+    }
+
+
+def api_sections(run: Run, report: dict, api: str, ceiling: str) -> None:
+    framework, starts, ends, pg_starts, pg_ends = [], [], [], [], []
+    number = 0
+    for connections in run.args.connections:
+        fw = http_cell(run, START_LUA, ceiling + "/appointments", connections)
+        framework.append(fw)
+        say(f"  c={connections} framework ceiling: {fw['requests_per_second']:,.0f} req/s, p99 {fw['p99_ms']:.1f} ms")
+        start = http_cell(run, START_LUA, api + "/appointments", connections)
+        starts.append(start)
+        say(f"  c={connections} POST /appointments: {start['requests_per_second']:,.0f} req/s, p99 {start['p99_ms']:.1f} ms")
+        end = end_cell(run, api, connections, fw["requests_per_second"])
+        ends.append(end)
+        say(f"  c={connections} POST /appointments/{{id}}/end: {end['requests_per_second']:,.0f} req/s, p99 {end['p99_ms']:.1f} ms")
+        number += 1
+        pg_start = pgbench_cell(run, "start", connections, number, 0)
+        pg_starts.append(pg_start)
+        pg_end = pgbench_cell(run, "end", connections, number, pg_start["transactions_per_second"])
+        pg_ends.append(pg_end)
+        say(f"  c={connections} pgbench: start {pg_start['transactions_per_second']:,.0f} tx/s, end {pg_end['transactions_per_second']:,.0f} tx/s")
+    report["sections"]["1_framework_ceiling"] = {"app": "bench/ceiling_app.py", "cells": framework}
+    report["sections"]["2_api"] = {
+        "start": starts, "end": ends, "pgbench_start": pg_starts, "pgbench_end": pg_ends,
+        "pgbench_scripts": run.pgbench_scripts, "pgbench_statements": run.pgbench_statements,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 4: end to charge
+
+
+class LedgerWatch(threading.Thread):
+    """When each billing entry became visible to another session.
+
+    A connection LISTENs on the ledger's channel (schema.sql NOTIFYs it when a statement's
+    entries commit) and, on each notification and every 50 ms anyway, reads the entries whose
+    txid is at or above the xmin of its previous read's snapshot: every transaction below that
+    had ended by then, so its entries were there to be read already. (An outstanding-ids list
+    instead would cost a probe per id per wake, thousands at 500 ends/s.) Each new entry is
+    stamped with the time.monotonic() at which its read returned: no earlier than it was visible,
+    and at most a round trip later."""
+
+    def __init__(self, url: str):
+        super().__init__(name="ledger-watch", daemon=True)
+        self._url = url
+        self._halt = threading.Event()
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._seen: dict[str, float] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with psycopg.connect(self._url, autocommit=True, application_name="bench-ledger-watch") as conn:
+                conn.execute(f"LISTEN {LEDGER_CHANNEL}")
+                horizon = conn.execute(SNAPSHOT_XMIN).fetchone()[0]
+                self._ready.set()
+                while not self._halt.is_set():
+                    for _ in conn.notifies(timeout=0.05, stop_after=1):
+                        pass
+                    for _ in conn.notifies(timeout=0):  # what came meanwhile: this read covers it
+                        pass
+                    xmin, ids = conn.execute(NEW_ENTRIES, {"horizon": horizon}).fetchone()
+                    now = time.monotonic()
+                    with self._lock:
+                        for appointment_id in ids:
+                            self._seen.setdefault(appointment_id, now)
+                    horizon = xmin
+        except BaseException as exc:  # noqa: BLE001 - reported by wait_for
+            self.error = exc
+            self._ready.set()
+
+    def started(self) -> LedgerWatch:
+        self.start()
+        self._ready.wait(10)
+        return self
+
+    def wait_for(self, ids: list[str], timeout: float) -> dict[str, float]:
+        """The stamps of these ids, once all are seen or after timeout (the missing ones left out)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.error is not None:
+                raise BenchError(f"the ledger watch failed: {self.error!r}")
+            with self._lock:
+                missing = [i for i in ids if i not in self._seen]
+                if not missing or time.monotonic() > deadline:
+                    return {i: self._seen[i] for i in ids if i in self._seen}
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+
+
+def paced_ends(run: Run, api: str, rate: int, seconds: float, tag: str) -> dict:
+    """Sends rate x seconds ends at a steady rate (bench_paced_end.lua); what was sent and answered."""
+    n = max(WRK_THREADS, round(rate * seconds))
+    ids = run.work_dir / f"paced-{tag}-{rate}-ids.txt"
+    write_open_appointments(run.conn, n, ids)
+    records = run.work_dir / f"paced-{tag}-{rate}.txt"
+    process = run.wrk_start(f"paced-{tag}-{rate}", PACED_END_LUA, api, PACED_CONNECTIONS, [str(ids), str(WRK_THREADS), str(rate), str(records)])
+    # An answer that never comes (wrk's --timeout is 10 s) must not hold the run: stopped 15 s
+    # after the schedule's end, what is missing counts as errors.
+    wrk = run.wrk_stop(process, markers=str(records), timeout=seconds + 15, must_finish=False)
+    sent, answered = {}, {}
+    for line in records.read_text().splitlines():
+        kind, appointment_id, t, rest = line.split(" ", 3)
+        if kind == "E":
+            sent[appointment_id] = (float(t), float(rest))
+        else:
+            answered[appointment_id] = (float(t), int(rest))
+    times = sorted(s for _, s in sent.values())
+    slip_ms = [(s - scheduled) * 1000 for scheduled, s in sent.values()]
+    return {
+        "rate": rate, "tag": tag, "ends": n, "sent": len(sent),
+        "sent_per_second": round((len(times) - 1) / (times[-1] - times[0]), 1) if len(times) > 1 else None,
+        "schedule_slip_p99_ms": rounded(percentile(slip_ms, 99)),
+        "schedule_slip_max_ms": rounded(max(slip_ms) if slip_ms else None),
+        "answered": len(answered),
+        "errors": sum(1 for _, status in answered.values() if not 200 <= status < 300) + len(sent) - len(answered),
+        "http": latency_summary([(answered[i][0] - sent[i][1]) * 1000 for i in sent if i in answered]),
+        "wrk": wrk,
+        "_answered": answered,
+    }
+
+
+def charge_latency(watch: LedgerWatch, cell: dict, timeout: float) -> dict:
+    """From each successful end's answer to its entry seen by the watch."""
+    answered = cell.pop("_answered")
+    ended = [i for i, (_, status) in answered.items() if 200 <= status < 300]
+    seen = watch.wait_for(ended, timeout)
+    latencies = [(seen[i] - answered[i][0]) * 1000 for i in ended if i in seen]
+    cell["end_to_charge"] = {**latency_summary(latencies), "not_seen": len(ended) - len(seen)}
+    return cell
+
+
+def listening_workers(run: Run) -> int:
+    channel = getattr(billing_worker, "CHANNEL", "billing_queue")
+    return run.conn.execute(LISTENING, {"role": ROLES["worker"], "pattern": rf'^\s*LISTEN\s+"?{channel}"?\s*;?\s*$'}).fetchone()[0]
+
+
+def wait_drained(conn: psycopg.Connection, timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while conn.execute(ANY_PENDING).fetchone()[0]:
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what}: charges still pending after {timeout} s")
+        time.sleep(interval)
+
+
+def end_to_charge(run: Run, report: dict, api: str) -> None:
+    args = run.args
+    watch = LedgerWatch(run.url("bench")).started()
+    cells = []
+    try:
+        # With NOTIFY: the worker with its defaults. It first bills what section 2 left pending.
+        worker, port = run.start_worker("worker-notify", "bench")
+        wait_http(f"http://127.0.0.1:{port}/ready", worker)
+        wait_drained(run.conn, 120, "the worker's first pass")
+        for rate in args.e2c_rates:
+            say(f"  with NOTIFY: {rate} ends/s for {args.e2c_seconds} s")
+            cell = charge_latency(watch, paced_ends(run, api, rate, args.e2c_seconds, "notify"), timeout=30)
+            cells.append(cell)
+            say(f"    p99 {cell['end_to_charge']['p99_ms']} ms (sent {cell['sent_per_second']}/s, slip p99 {cell['schedule_slip_p99_ms']} ms)")
+        run.retire("worker-notify", "worker", worker)
+
+        # The ceiling: the worker's own statement run by a bare LISTEN loop.
+        env = run.service_env(run.url("bench", ROLES["worker"]))
+        bare = run.processes.start("bare-worker", [sys.executable, str(Path(__file__).resolve()), "--bare-worker", run.url("bench", ROLES["worker"])], env)
+        deadline = time.monotonic() + 30
+        while not listening_workers(run):
+            if bare.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"the bare worker did not LISTEN:\n{tail(bare.log_path)}")
+            time.sleep(0.05)
+        for rate in args.e2c_rates:
+            say(f"  ceiling (a bare LISTEN loop running CLAIM_AND_BILL): {rate} ends/s for {args.e2c_ceiling_seconds} s")
+            cell = charge_latency(watch, paced_ends(run, api, rate, args.e2c_ceiling_seconds, "ceiling"), timeout=30)
+            cells.append(cell)
+            say(f"    p99 {cell['end_to_charge']['p99_ms']} ms")
+        run.processes.stop(bare)
+
+        # Polling only: BILLING_LISTEN=off. Both rates back to back, then one wait for the polls.
+        polling = {"BILLING_LISTEN": "off"}
+        if args.poll_seconds is not None:
+            polling["BILLING_POLL_SECONDS"] = str(args.poll_seconds)
+        poll_seconds = args.poll_seconds or config.Config.poll_seconds
+        worker, port = run.start_worker("worker-polling", "bench", **polling)
+        wait_http(f"http://127.0.0.1:{port}/ready", worker)
+        time.sleep(0.5)  # its LISTEN, if it still makes one, is in place by now
+        listeners = listening_workers(run)
+        sent = []
+        for rate in args.e2c_rates:
+            say(f"  polling only (BILLING_LISTEN=off, every {poll_seconds} s): {rate} ends/s for {args.e2c_seconds} s")
+            sent.append(paced_ends(run, api, rate, args.e2c_seconds, "polling"))
+        for cell in sent:
+            cells.append(charge_latency(watch, cell, timeout=poll_seconds + 10))
+            say(f"    {cell['rate']}/s: p99 {cell['end_to_charge']['p99_ms']} ms")
+        run.retire("worker-polling", "worker", worker)
+    finally:
+        watch.stop()
+    p50s = [c["end_to_charge"]["p50_ms"] for c in cells if c["tag"] == "polling" and c["end_to_charge"]["p50_ms"] is not None]
+    # With polling only, half the ends wait more than a fifth of the interval: anything far
+    # quicker means the worker was woken some other way.
+    quick = bool(p50s) and max(p50s) < poll_seconds * 1000 / 5
+    report["sections"]["4_end_to_charge"] = {
+        "cells": cells,
+        "poll_seconds": poll_seconds,
+        "listen_off_honoured": listeners == 0 and not quick,
+        "listening_sessions_with_listen_off": listeners,
+        "paced_connections": PACED_CONNECTIONS,
+        "client": "wrk with bench_paced_end.lua: a fixed schedule per thread, each slot given to a free connection (open loop while one is free; the slip is recorded)",
+    }
+
+
+def bare_worker(url: str) -> int:
+    """The end-to-charge ceiling: LISTEN, and on each wake the worker's own CLAIM_AND_BILL until a
+    batch comes back short, each run on its own (autocommit: one statement, one transaction, one
+    round trip). No pool (so no check query), no logs, no metrics, one connection."""
+    claim = module_sql(billing_worker, "CLAIM_AND_BILL")
+    channel = getattr(billing_worker, "CHANNEL", "billing_queue")
+    batch_size = config.Config.batch_size
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    with psycopg.connect(url, autocommit=True, application_name="bench-bare-worker") as conn:
+        conn.execute(f"LISTEN {channel}")
+        while True:
+            if not any(True for _ in conn.notifies(timeout=1, stop_after=1)):
+                continue
+            for _ in conn.notifies(timeout=0):  # one pass serves every notification queued
+                pass
+            while len(conn.execute(claim, {"batch_size": batch_size}).fetchall()) == batch_size:
+                pass
+
+
+# ---------------------------------------------------------------------------------------------
+# 6 (first part): the soak, which makes the backlog of sections 3 and 5
+
+
+def soak(run: Run, report: dict) -> int:
+    """On a fresh API process over the empty backlog database: --soak-baseline requests, then the
+    rest of --soak-requests, the API's RSS read after each. The mix ends every appointment of the
+    backlog once, so the database is left with --backlog pending charges."""
+    args, conn_url = run.args, run.url("backlog")
+    with psycopg.connect(conn_url, autocommit=True) as conn:
+        all_ids = run.work_dir / "backlog-ids.txt"
+        write_open_appointments(conn, args.backlog, all_ids)
+    ids = all_ids.read_text().splitlines()
+    # The ends spread over both phases alike: the baseline phase gets its share of the ids.
+    first = round(len(ids) * args.soak_baseline / args.soak_requests)
+    phases = [("baseline", args.soak_baseline, ids[:first]), ("rest", args.soak_requests - args.soak_baseline, ids[first:])]
+    api, base = run.start_api("api-soak", "backlog")
+    readings = []
+    for name, requests, share in phases:
+        path = run.work_dir / f"soak-{name}-ids.txt"
+        path.write_text("".join(f"{i}\n" for i in share))
+        say(f"  soak: {requests:,} requests ({len(share):,} of them ends)")
+        markers = str(run.work_dir / f"soak-{name}")
+        t0 = time.monotonic()
+        process = run.wrk_start(f"soak-{name}", SOAK_LUA, base, SOAK_CONNECTIONS, [str(path), str(WRK_THREADS), str(requests), markers])
+        wrk = run.wrk_stop(process, markers=markers, timeout=max(600, requests / 100))
+        seconds = time.monotonic() - t0
+        readings.append({
+            "phase": name, "requests": wrk["sent"], "ends": wrk["ends"], "seconds": round(seconds, 1),
+            "requests_per_second": round(wrk["sent"] / seconds, 1), "errors": wrk_figures(wrk)["errors"],
+            "rss_kb_after": proc_status_kb(api.pid, "VmRSS"), "wrk": wrk,
+        })
+        say(f"    {seconds:.0f} s, RSS {readings[-1]['rss_kb_after'] / 1024:.1f} MB")
+    run.retire("api-soak", "api", api)
+    with psycopg.connect(conn_url, autocommit=True) as conn:
+        pending = conn.execute(PENDING).fetchone()[0]
+        # Every copy then starts from the same visibility map and statistics, and no autovacuum
+        # of these tables falls into a measurement.
+        conn.execute("VACUUM (ANALYZE) appointments, billing_queue, billing_entries")
+    report["sections"]["6_memory"] = {
+        "soak": {"phases": readings, "total_requests": sum(r["requests"] for r in readings), "connections": SOAK_CONNECTIONS,
+                 "mix": "the backlog's ends spread evenly over the run; the rest GET /appointments/{id} and POST /appointments, 3:1",
+                 "backlog_pending_after": pending},
+    }
+    if pending != args.backlog:
+        raise BenchError(f"the soak left {pending} pending charges, not {args.backlog}: some ends failed (see {run.work_dir / 'api-soak.log'})")
+    return pending
+
+
+# ---------------------------------------------------------------------------------------------
+# 3: drain
+
+
+def ledger_check(url: str, charges: int) -> dict:
+    with psycopg.connect(url, autocommit=True) as conn:
+        found = ledger(conn)
+    ok = (found["entries"] == found["ended"] and found["pending"] == 0 and found["failed"] == 0
+          and found["not_billed_once"] == 0 and found["status_mismatch"] == 0 and found["wrong_total"] == 0)
+    return {"charges": charges, **found, "billed_once": found["ended"] - found["not_billed_once"], "ok": ok}
+
+
+def once_workers(run: Run, dbname: str, count: int, tag: str) -> dict:
+    """`count` `billing_worker.py --once` started together; wall time until the last exits."""
+    t0 = time.monotonic()
+    started = [run.start_worker(f"once-{tag}-{k + 1}", dbname, "--once")[0] for k in range(count)]
+    exits, summaries, batches = [], [], []
+    for k, process in enumerate(started):
+        ended, peak = run.reap(process, timeout=600)
+        run.processes.stop(process)
+        run.memory.append({"process": f"once-{tag}-{k + 1}", "kind": "worker", "peak_rss_kb": peak})
+        exits.append(ended)
+        text = process.log_path.read_text(errors="replace")
+        if process.returncode != 0:
+            raise BenchError(f"billing_worker.py --once exited with {process.returncode}:\n{text[-3000:]}")
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "billed" in record and "event" not in record:
+                summaries.append(record)
+            elif isinstance(record, dict) and record.get("event") == "batch" and record.get("rows"):
+                batches.append(record)
+    return {"wall_seconds": max(exits) - t0, "billed": sum(s["billed"] for s in summaries), "summaries": summaries,
+            "log_drain_seconds": batch_span(batches)}
+
+
+def batch_span(batches: list[dict]) -> float | None:
+    """From the first batch's start to the last batch's end, by the workers' own log lines (ts is
+    written when a batch has finished, duration_ms is its length); None when they say otherwise."""
+    try:
+        ends = [dt.datetime.fromisoformat(b["ts"]).timestamp() for b in batches]
+        starts = [e - b["duration_ms"] / 1000 for e, b in zip(ends, batches)]
+        return round(max(ends) - min(starts), 3) if batches else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def drains(run: Run, report: dict, charges: int) -> None:
+    startup, cells = {}, {}
+    for workers in (1, 2):
+        # Two processes starting together take longer than one (2 cores, both importing): each
+        # drain is net of the start-up of as many processes, measured alike.
+        runs = [once_workers(run, "bench", workers, f"empty{workers}-{k + 1}")["wall_seconds"] for k in range(STARTUP_RUNS)]
+        startup[workers] = {"median_seconds": round(statistics.median(runs), 3), "runs_seconds": [round(r, 3) for r in runs]}
+        say(f"  start-up of {workers} x --once on an empty queue: {startup[workers]['median_seconds']:.2f} s (median of {STARTUP_RUNS})")
+    for workers in (1, 2):
+        name = f"drain_{workers}"
+        url = run.create_database(name, template="backlog")
+        say(f"  {charges:,} charges, {workers} x billing_worker.py --once")
+        once = once_workers(run, name, workers, str(workers))
+        net = once["wall_seconds"] - startup[workers]["median_seconds"]
+        cells[workers] = {
+            "workers": workers, "charges": charges, **once, "net_seconds": round(net, 3),
+            "charges_per_second": round(charges / net, 1) if net > 0 else None,
+            "charges_per_second_by_log": round(charges / once["log_drain_seconds"], 1) if once["log_drain_seconds"] else None,
+            "ledger": ledger_check(url, charges),
+        }
+        say(f"    {once['wall_seconds']:.2f} s in all, {cells[workers]['charges_per_second']:,.0f} charges/s net of start-up "
+            f"({cells[workers]['charges_per_second_by_log'] or 0:,.0f} by the batch log lines)")
+        run.drop_database(name)
+    url = run.create_database("drain_sql", template="backlog")
+    say(f"  ceiling: plain SQL on {charges:,} charges in one transaction")
+    with psycopg.connect(run.url("drain_sql", ROLES["worker"]), autocommit=True) as conn:
+        t0 = time.monotonic()
+        with conn.transaction():
+            for statement in DRAIN_SQL:
+                conn.execute(statement)
+        seconds = time.monotonic() - t0
+    sql_cell = {"charges": charges, "seconds": round(seconds, 3), "charges_per_second": round(charges / seconds, 1),
+                "statements": [" ".join(s.split()) for s in DRAIN_SQL], "ledger": ledger_check(url, charges)}
+    say(f"    {seconds:.2f} s, {sql_cell['charges_per_second']:,.0f} charges/s")
+    run.drop_database("drain_sql")
+    report["sections"]["3_drain"] = {
+        "backlog": charges, "startup": startup,
+        "one_worker": cells[1], "two_workers": cells[2], "two_workers_how": "two `billing_worker.py --once` processes started together",
+        "sql_ceiling": sql_cell,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 5: interference
+
+
+def interference(run: Run, report: dict, charges: int) -> None:
+    """One wrk run of POST /appointments over a copy of the backlog: WARMUP, an idle window of
+    --seconds, then a worker starts and drains; the latencies of each window from the records."""
+    name = "interference"
+    url = run.create_database(name, template="backlog")
+    api, base = run.start_api("api-interference", name)
+    records = run.work_dir / "interference.txt"
+    process = run.wrk_start("interference", TIMED_START_LUA, base, INTERFERENCE_CONNECTIONS, [str(records)])
+    t_start = time.monotonic()
+    time.sleep(run.args.warmup + run.args.seconds)
+    t_worker = time.monotonic()
+    worker, _ = run.start_worker("worker-interference", name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        wait_drained(conn, 600, "the interference drain", interval=0.2)  # lightly: it runs inside the measurement
+        time.sleep(0.2)
+        wrk = run.wrk_stop(process)
+        run.retire("worker-interference", "worker", worker)
+        first, last = conn.execute(DRAIN_SPAN).fetchone()
+    run.retire("api-interference", "api", api)
+    # The entries' created_at (the batches' transaction starts, on the wall clock) on the
+    # monotonic clock of the records.
+    offset = time.time() - time.monotonic()
+    drain_from, drain_to = first - offset, last - offset
+    rows = [tuple(map(float, line.split())) for line in records.read_text().splitlines()]
+
+    def window(since: float, until: float) -> dict:
+        inside = [(sent, answered, status) for sent, answered, status in rows if since <= sent < until]
+        return {
+            "from_s": round(since - t_start, 3), "to_s": round(until - t_start, 3),
+            **latency_summary([(answered - sent) * 1000 for sent, answered, _ in inside]),
+            "requests_per_second": round(len(inside) / (until - since), 1) if until > since else None,
+            "errors": sum(1 for *_, status in inside if not 200 <= status < 300),
+        }
+
+    idle, draining = window(t_start + run.args.warmup, t_worker), window(drain_from, drain_to)
+    say(f"    idle p99 {idle['p99_ms']} ms, during the drain p99 {draining['p99_ms']} ms ({draining['n']} requests)")
+    report["sections"]["5_interference"] = {
+        "charges": charges, "connections": INTERFERENCE_CONNECTIONS, "idle": idle, "draining": draining,
+        "drain_seconds": round(last - first, 3), "wrk": wrk, "ledger": ledger_check(url, charges),
+    }
+    run.drop_database(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclasses.dataclass
+class Row:
+    section: int
+    figure: str
+    value: float | None
+    show: str
+    ceiling_name: str | None = None
+    ceiling: float | None = None
+    ceiling_show: str = ""
+    also_name: str | None = None  # a second ceiling (the database's, for section 2)
+    also: float | None = None
+    also_show: str = ""
+    target: str = "-"
+    ok: bool | None = None
+    result: str | None = None  # instead of PASS / MISS (NO EFFECT)
+
+    @staticmethod
+    def _ratio(value, ceiling):
+        return round(value / ceiling, 3) if value is not None and ceiling not in (None, 0) else None
+
+    def as_dict(self) -> dict:
+        return {
+            "section": self.section, "figure": self.figure, "value": self.value,
+            "ceiling": None if self.ceiling_name is None else {"name": self.ceiling_name, "value": self.ceiling},
+            "ratio": self._ratio(self.value, self.ceiling),
+            "database_ceiling": None if self.also_name is None else {"name": self.also_name, "value": self.also},
+            "database_ratio": self._ratio(self.value, self.also),
+            "target": self.target, "result": self.verdict(),
+        }
+
+    def verdict(self) -> str:
+        if self.result:
+            return self.result
+        return "-" if self.ok is None else ("PASS" if self.ok else "MISS")
+
+    def cells(self) -> list[str]:
+        ratio, also_ratio = self._ratio(self.value, self.ceiling), self._ratio(self.value, self.also)
+        return [
+            f"{self.section}. {self.figure}", self.show,
+            f"{self.ceiling_name} {self.ceiling_show}" if self.ceiling_name else "(the ceiling)",
+            f"{ratio:.2f}x" if ratio is not None else "-",
+            f"{self.also_name} {self.also_show} ({also_ratio:.2f}x)" if self.also_name and also_ratio is not None else "-",
+            self.target, self.verdict(),
+        ]
+
+
+def lat(cell: dict) -> str:
+    return f"{cell['p50_ms']:.1f}/{cell['p99_ms']:.1f}/{cell['max_ms']:.0f}"
+
+
+def table_rows(report: dict) -> list[Row]:
+    s = report["sections"]
+    rows: list[Row] = []
+    for fw in s["1_framework_ceiling"]["cells"]:
+        c = fw["connections"]
+        rows.append(Row(1, f"framework JSON POST c={c} req/s", fw["requests_per_second"], f"{fw['requests_per_second']:,.0f}"))
+        rows.append(Row(1, f"framework JSON POST c={c} p50/p99/max ms", fw["p99_ms"], lat(fw)))
+    api = s["2_api"]
+    for kind, label, pg_kind, want in (("start", "POST /appointments", "pgbench_start", TARGET_START_VS_FRAMEWORK),
+                                       ("end", "POST /appointments/{id}/end", "pgbench_end", TARGET_END_VS_FRAMEWORK)):
+        for cell, fw, pg in zip(api[kind], s["1_framework_ceiling"]["cells"], api[pg_kind]):
+            c = cell["connections"]
+            rps = cell["requests_per_second"]
+            rows.append(Row(2, f"{label} c={c} req/s", rps, f"{rps:,.0f}", "framework", fw["requests_per_second"], f"{fw['requests_per_second']:,.0f}",
+                            "pgbench", pg["transactions_per_second"], f"{pg['transactions_per_second']:,.0f}",
+                            f">= {want}x framework", rps >= want * fw["requests_per_second"]))
+            at64 = c == 64
+            rows.append(Row(2, f"{label} c={c} p50/p99/max ms", cell["p99_ms"], lat(cell), "framework", fw["p99_ms"], lat(fw),
+                            "pgbench", pg["p99_ms"], f"{pg['p50_ms']:.1f}/{pg['p99_ms']:.1f}/{pg['max_ms']:.0f}",
+                            f"max <= {TARGET_MAX_MS_AT_64} ms" if at64 else "-", cell["max_ms"] <= TARGET_MAX_MS_AT_64 if at64 else None))
+            rows.append(Row(2, f"{label} c={c} errors", cell["errors"], str(cell["errors"]), "framework", fw["errors"], str(fw["errors"]),
+                            "pgbench", pg["errors"], str(pg["errors"]), "0" if at64 else "-", cell["errors"] == 0 if at64 else None))
+    d = s["3_drain"]
+    sql_rate = d["sql_ceiling"]["charges_per_second"]
+    one, two = d["one_worker"], d["two_workers"]
+    rows.append(Row(3, f"drain {d['backlog']:,}, 1 worker charges/s", one["charges_per_second"], f"{one['charges_per_second']:,.0f}",
+                    "plain SQL", sql_rate, f"{sql_rate:,.0f}", target=f">= {TARGET_DRAIN_VS_SQL}x SQL",
+                    ok=one["charges_per_second"] is not None and one["charges_per_second"] >= TARGET_DRAIN_VS_SQL * sql_rate))
+    rows.append(Row(3, f"drain {d['backlog']:,}, 2 workers charges/s", two["charges_per_second"], f"{two['charges_per_second']:,.0f}",
+                    "1 worker", one["charges_per_second"], f"{one['charges_per_second']:,.0f}", "plain SQL", sql_rate, f"{sql_rate:,.0f}",
+                    f">= {TARGET_TWO_VS_ONE}x 1 worker",
+                    None if None in (one["charges_per_second"], two["charges_per_second"]) else two["charges_per_second"] >= TARGET_TWO_VS_ONE * one["charges_per_second"]))
+    for label, check in (("1 worker", one["ledger"]), ("2 workers", two["ledger"]), ("plain SQL", d["sql_ceiling"]["ledger"])):
+        rows.append(Row(3, f"ledger after {label}: charges billed once", check["billed_once"], f"{check['billed_once']:,}",
+                        "charges", check["charges"], f"{check['charges']:,}", target="all, once", ok=check["ok"]))
+    e = s["4_end_to_charge"]
+    ceilings = {c["rate"]: c for c in e["cells"] if c["tag"] == "ceiling"}
+    poll_ms = e["poll_seconds"] * 1000
+    for cell in e["cells"]:
+        if cell["tag"] == "ceiling":
+            continue
+        lat_e = cell["end_to_charge"]
+        rate = cell["rate"]
+        figure = f"end->charge {cell['tag']} {rate}/s (sent {cell['sent_per_second'] or 0:.0f}/s) p50/p99/max ms"
+        show = f"{lat_e['p50_ms']:.1f}/{lat_e['p99_ms']:.1f}/{lat_e['max_ms']:.0f}" if lat_e["n"] else "none seen"
+        if cell["tag"] == "notify":
+            ceiling = ceilings.get(rate, {}).get("end_to_charge", {})
+            targeted = rate == TARGET_NOTIFY_RATE
+            rows.append(Row(4, figure, lat_e["p99_ms"], show, "bare LISTEN loop", ceiling.get("p99_ms"),
+                            f"{ceiling['p50_ms']:.1f}/{ceiling['p99_ms']:.1f}/{ceiling['max_ms']:.0f}" if ceiling.get("n") else "-",
+                            target=f"p99 <= {TARGET_NOTIFY_P99_MS} ms" if targeted else "-",
+                            ok=(lat_e["p99_ms"] is not None and lat_e["p99_ms"] <= TARGET_NOTIFY_P99_MS and not lat_e["not_seen"]) if targeted else None))
+        else:
+            rows.append(Row(4, figure, lat_e["p99_ms"], show, "poll interval", poll_ms, f"{poll_ms:.0f}",
+                            target=f"p99 <= {poll_ms + TARGET_POLL_MARGIN_S * 1000:.0f} ms",
+                            ok=lat_e["p99_ms"] is not None and lat_e["p99_ms"] <= poll_ms + TARGET_POLL_MARGIN_S * 1000 and not lat_e["not_seen"],
+                            result=None if e["listen_off_honoured"] else "NO EFFECT"))
+    f = s["5_interference"]
+    idle, draining = f["idle"], f["draining"]
+    rows.append(Row(5, f"POST /appointments c={f['connections']} p99 ms, {f['charges']:,} draining", draining["p99_ms"],
+                    f"{draining['p99_ms']:.1f}" if draining["p99_ms"] is not None else "-", "idle p99", idle["p99_ms"], f"{idle['p99_ms']:.1f}",
+                    target=f"<= {TARGET_INTERFERENCE}x idle",
+                    ok=None if None in (draining["p99_ms"], idle["p99_ms"]) else draining["p99_ms"] <= TARGET_INTERFERENCE * idle["p99_ms"]))
+    rows.append(Row(5, "ledger after the drain: charges billed once", f["ledger"]["billed_once"], f"{f['ledger']['billed_once']:,}",
+                    "charges", f["ledger"]["charges"], f"{f['ledger']['charges']:,}", target="all, once", ok=f["ledger"]["ok"]))
+    m = s["6_memory"]
+    floor_mb = m["floor_peak_rss_mb"]
+    for kind in ("api", "worker"):
+        peak = m["peak_rss_mb"][kind]
+        rows.append(Row(6, f"peak RSS {kind} MB (max of {m['processes'][kind]} processes)", peak, f"{peak:.1f}", "Falcon+waitress", floor_mb, f"{floor_mb:.1f}",
+                        target=f"<= {TARGET_PEAK_RSS_MB} MB", ok=peak <= TARGET_PEAK_RSS_MB))
+    soak_ = m["soak"]
+    growth = m["rss_growth_mb"]
+    rows.append(Row(6, f"API RSS growth MB, {soak_['phases'][0]['requests']:,} -> {soak_['total_requests']:,} requests", growth,
+                    f"{growth:+.1f}", "no growth", 0.0, "0.0", target=f"<= {TARGET_RSS_GROWTH_MB} MB", ok=growth <= TARGET_RSS_GROWTH_MB))
+    return rows
+
+
+def memory_floor_kb() -> int:
+    threads = inspect.signature(web.make_server).parameters["threads"].default  # what appointments.py serves with
+    done = subprocess.run([sys.executable, "-c", MEMORY_FLOOR, str(threads)], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise BenchError(f"the memory floor failed: {done.stderr}")
+    return int(done.stdout.strip())
+
+
+def memory_summary(run: Run, report: dict, ceiling_peak_kb: int | None) -> None:
+    m = report["sections"]["6_memory"]
+    m["processes_peak_rss_kb"] = run.memory
+    m["ceiling_app_peak_rss_mb"] = round((ceiling_peak_kb or 0) / 1024, 1)  # imports web.py
+    m["floor_peak_rss_mb"] = round(memory_floor_kb() / 1024, 1)
+    m["floor"] = "Python with falcon and waitress imported and a waitress server made (MEMORY_FLOOR)"
+    m["peak_rss_mb"], m["processes"] = {}, {}
+    for kind in ("api", "worker"):
+        peaks = [p["peak_rss_kb"] for p in run.memory if p["kind"] == kind and p["peak_rss_kb"]]
+        m["peak_rss_mb"][kind] = round(max(peaks) / 1024, 1)
+        m["processes"][kind] = len(peaks)
+    phases = m["soak"]["phases"]
+    m["rss_growth_mb"] = round((phases[-1]["rss_kb_after"] - phases[0]["rss_kb_after"]) / 1024, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine facts
+
+
+def machine_facts(run: Run) -> dict:
+    conn = run.conn
+
+    def first_line(argv: list[str]) -> str | None:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return None
+        return ((done.stdout or done.stderr).strip().splitlines() or [None])[0]
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    packages = {}
+    for name in ("falcon", "waitress", "psycopg", "psycopg-binary", "psycopg-pool", "structlog", "orjson", "simplejson",
+                 "jsonschema", "prometheus-client", "PyYAML"):
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    settings = {name: (f"{setting}{unit or ''}", source) for name, setting, unit, source in
+                conn.execute(CHANGED_SETTINGS, {"names": KEY_SETTINGS}).fetchall()}
+    data_dir = conn.execute("SHOW data_directory").fetchone()[0]
+    fs = first_line(["stat", "-f", "-c", "%T", data_dir])
+    return {
+        "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), None),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "memory_mb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "packages": packages,
+        "postgresql": conn.execute("SELECT version()").fetchone()[0],
+        "postgresql_settings": {name: {"value": value, "source": source} for name, (value, source) in settings.items()},
+        "postgresql_data": {"file_system": fs, "cluster": "a cluster of this run's own (initdb), BenchCluster.SETTINGS on top of PostgreSQL's defaults"},
+        "wrk": first_line(["wrk", "-v"]),
+        "pgbench": first_line(["pgbench", "--version"]),
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "load_average_at_start": capacity.loadavg(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def execute(run: Run, report: dict) -> None:
+    args = run.args
+    say("cluster: initdb, start (fsync on)")
+    run.cluster = BenchCluster()
+    run.cluster.start_in(run.cluster_processes)
+    run.create_database("bench")
+    run.create_database("backlog")
+    run.conn = psycopg.connect(run.url("bench"), autocommit=True)
+    report["machine"] = machine_facts(run)
+
+    say("1-2. framework ceiling, API, pgbench")
+    ceiling_port = free_port()
+    ceiling_app = run.processes.start("ceiling-app", [sys.executable, str(CEILING_APP), str(ceiling_port)], dict(os.environ))
+    ceiling = f"http://127.0.0.1:{ceiling_port}"
+    wait_http(ceiling + "/health", ceiling_app)
+    api, base = run.start_api("api", "bench")
+    api_sections(run, report, base, ceiling)
+    ceiling_peak_kb = proc_status_kb(ceiling_app.pid, "VmHWM")
+    run.processes.stop(ceiling_app)
+
+    say("4. end to charge")
+    end_to_charge(run, report, base)
+    run.retire("api", "api", api)
+
+    say("6. soak (it makes the backlog of 3 and 5)")
+    charges = soak(run, report)
+
+    say("3. drain")
+    drains(run, report, charges)
+
+    say("5. interference")
+    interference(run, report, charges)
+
+    memory_summary(run, report, ceiling_peak_kb)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=4, help="measured seconds of each wrk and pgbench cell (default 4)")
+    parser.add_argument("--warmup", type=int, default=WARMUP_SECONDS, help=f"warm-up seconds before each wrk cell (default {WARMUP_SECONDS})")
+    parser.add_argument("--connections", default="4,16,64", help="wrk connections and pgbench clients of sections 1-2 (default 4,16,64)")
+    parser.add_argument("--backlog", type=int, default=100_000, help="charges of the drains, sections 3 and 5 (default 100,000)")
+    parser.add_argument("--e2c-rates", default="200,500", help="ends per second of section 4 (default 200,500)")
+    parser.add_argument("--e2c-seconds", type=float, default=10, help="seconds of each section 4 run (default 10)")
+    parser.add_argument("--e2c-ceiling-seconds", type=float, default=5, help="seconds of each run of section 4's ceiling (default 5)")
+    parser.add_argument("--poll-seconds", type=float, help="BILLING_POLL_SECONDS of the polling-only worker (default: the worker's own, 10)")
+    parser.add_argument("--soak-requests", type=int, default=150_000,
+                        help="requests of the soak, section 6 (default 150,000: 500,000 takes some 10 minutes more)")
+    parser.add_argument("--soak-baseline", type=int, default=10_000, help="requests after which the soak's first RSS is read (default 10,000)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes (1 s cells, 16 connections, backlog 2,000, soak 4,000, polling every 1 s): the harness runs, its figures mean little")
+    parser.add_argument("--out", help="the JSON file (default bench/results/bench-<UTC yyyymmdd-hhmmss>.json)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (services' logs, wrk output)")
+    parser.add_argument("--bare-worker", metavar="URL", help=argparse.SUPPRESS)  # section 4's ceiling, run by the harness
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seconds, args.warmup, args.connections, args.backlog = 1, 0, "16", 2_000
+        args.e2c_seconds, args.e2c_ceiling_seconds, args.poll_seconds = 1, 1, args.poll_seconds or 1.0
+        args.soak_requests, args.soak_baseline = 4_000, 1_000
+    args.connections = [int(x) for x in args.connections.split(",")]
+    args.e2c_rates = [int(x) for x in args.e2c_rates.split(",")]
+    if any(c < WRK_THREADS for c in args.connections):
+        parser.error(f"--connections: at least {WRK_THREADS} (wrk's threads)")
+    if args.soak_requests < args.backlog + args.soak_baseline:
+        parser.error("--soak-requests must cover --backlog (the soak makes the backlog's ends) and --soak-baseline")
+    if not args.bare_worker:
+        for tool in ("wrk", "pgbench", "setpriv"):
+            if shutil.which(tool) is None:
+                parser.error(f"{tool} is not on the PATH (Debian: apt-get install wrk postgresql-client util-linux; make bench installs wrk)")
+    return args
+
+
+def print_table(report: dict, rows: list[Row], out: Path) -> None:
+    header = ["figure", "value", "ceiling", "ratio", "vs database (ratio)", "target", "result"]
+    print()
+    print(fmt_table(header, [row.cells() for row in rows]))
+    m = report["machine"]
+    passed = sum(1 for r in rows if r.verdict() == "PASS")
+    judged = sum(1 for r in rows if r.verdict() in ("PASS", "MISS"))
+    print(f"\n{passed} of {judged} targets met. Latencies p50/p99/max in ms; ratios are value / ceiling (for latency rows, of p99).")
+    mem = report["sections"]["6_memory"]
+    print(f"Memory floor: Python with falcon and waitress imported, a waitress server made: {mem['floor_peak_rss_mb']:.1f} MB; "
+          f"the ceiling app (it imports web.py, and so psycopg, jsonschema, yaml ...): {mem['ceiling_app_peak_rss_mb']:.1f} MB.")
+    e = report["sections"]["4_end_to_charge"]
+    if not e["listen_off_honoured"]:
+        print("NO EFFECT: with BILLING_LISTEN=off the worker still LISTENed (or billed far quicker than its poll): the polling figures are NOTIFY's.")
+    print(f"{m['cpu']}, {m['cores']} cores, {m['kernel']}, {m['postgresql'].split(' on ')[0]}, Python {m['python']}; "
+          f"commit {m['git_commit'][:10]}{' (uncommitted changes)' if m['git_dirty'] else ''}; {report['duration_seconds']:.0f} s; "
+          f"{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.bare_worker:
+        return bare_worker(args.bare_worker)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt  # unwinds to the finally below: every process stopped, the cluster gone
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    began = dt.datetime.now(dt.timezone.utc)
+    stamp = f"{began:%Y%m%d-%H%M%S}"
+    if args.out:
+        out = Path(args.out).resolve()
+    elif args.smoke:
+        out = Path(tempfile.gettempdir()) / f"bench-smoke-{stamp}.json"
+    else:
+        out = ROOT / "bench" / "results" / f"bench-{stamp}.json"
+    work_dir = Path(tempfile.mkdtemp(prefix="clinic-bench-"))
+    run = Run(args, work_dir)
+    try:
+        # Built first, so that SQL the harness cannot follow fails it before any load.
+        scripts = {kind: pgbench_script(kind) for kind in PGBENCH_SCRIPTS}
+    except BenchError as exc:
+        say(f"bench: {exc}")
+        return 2
+    run.pgbench_scripts = {kind: script for kind, (script, _) in scripts.items()}
+    run.pgbench_statements = {kind: names for kind, (_, names) in scripts.items()}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "bare_worker", "keep")}
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started": began.isoformat(timespec="seconds"),
+        "smoke": args.smoke,
+        "settings": {**settings, "wrk_threads": WRK_THREADS, "paced_connections": PACED_CONNECTIONS,
+                     "soak_connections": SOAK_CONNECTIONS, "interference_connections": INTERFERENCE_CONNECTIONS,
+                     "cluster_settings": BenchCluster.SETTINGS, "service_settings": "defaults, but ports, DATABASE_URL (own role) and API_TOKENS (one token)"},
+        "sections": {},
+    }
+    clock = time.monotonic()
+    ok = False
+    try:
+        execute(run, report)
+        report["duration_seconds"] = round(time.monotonic() - clock, 1)
+        report["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        report["load_average_at_end"] = capacity.loadavg()
+        rows = table_rows(report)
+        report["table"] = [row.as_dict() for row in rows]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        print_table(report, rows, out)
+        ok = True
+        return 0
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    except BenchError as exc:
+        say(f"bench: {exc}")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not stop the clean-up
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        run.processes.stop_all()
+        if run.conn is not None:
+            run.conn.close()
+        if run.cluster is not None:
+            run.cluster.destroy()
+        run.cluster_processes.stop_all()
+        if ok and not args.keep:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        else:
+            say(f"logs and wrk output kept in {work_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
