@@ -105,3 +105,18 @@ test: venv
 DURATION ?= 120
 chaos: venv
 	$(PY) tests/chaos.py --duration $(DURATION)
+
+# The benchmark harness (bench/bench.py, issue 11): every figure next to this machine's ceiling,
+# about 7 minutes; bench-smoke runs it at tiny sizes in under a minute (CI runs that through
+# tests/test_bench.py). BENCH_ARGS passes options, e.g. BENCH_ARGS='--soak-requests 500000'.
+# wrk (Debian's package) is installed first when it is missing.
+.PHONY: bench bench-smoke
+WRK_INSTALL := command -v wrk >/dev/null 2>&1 || { apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null; }
+bench: venv
+	@$(WRK_INSTALL)
+	$(PY) bench/bench.py $(BENCH_ARGS)
+
+bench-smoke: venv
+	@$(WRK_INSTALL)
+	$(PY) bench/bench.py --smoke $(BENCH_ARGS)
