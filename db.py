@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import pathlib
 import random
+import select
 import sys
 import threading
 import time
@@ -35,7 +36,8 @@ SELECT to_regclass('appointments') IS NOT NULL
 """
 
 
-# Run on each connection before it is handed out (LeaderPool.check_leader).
+# Run on each new connection, and before handing out one whose server has sent something since it
+# went idle (LeaderPool.check_leader).
 ON_THE_LEADER = "SELECT NOT pg_is_in_recovery()"
 
 
@@ -56,11 +58,18 @@ def _is_unreplicated_commit(diagnostic: psycopg.errors.Diagnostic) -> bool:
 class LeaderPool(psycopg_pool.ConnectionPool):
     """A connection pool that follows the leader of a replicated PostgreSQL, and finds it quickly.
 
-    - Each connection is checked before it is handed out (one round trip), so that a PostgreSQL
-      restart costs the requests in flight at that moment and nothing after. A connection to a
-      server in recovery (a leader demoted in a failover, still answering as a standby) is closed
-      there, so the pool drops it and connects again: with a multi-host DATABASE_URL and
-      target_session_attrs=read-write, libpq finds the new leader.
+    - Each new connection is checked to be on the leader: one to a server in recovery (a leader
+      demoted in a failover, back as a standby that still answers) is closed, and the pool
+      connects again: with a multi-host DATABASE_URL and target_session_attrs=read-write, libpq
+      finds the new leader. A server cannot leave the leader's role without a restart, which
+      ends its sessions, so the check holds for the connection's life.
+    - Before a connection is handed out, its socket is looked at without a round trip: a server
+      that ended the session (a restart, a failover, pg_terminate_backend, an idle timeout) has
+      sent its FATAL message and closed, and the socket is readable. Only then is the round
+      trip spent (ON_THE_LEADER), which drops a dead connection and reads anything else a server
+      may send between queries (a NOTICE, a changed parameter). So a PostgreSQL restart costs the
+      requests in flight at that moment and nothing after, and a busy service pays no query per
+      request for it (it did until issue 11: a quarter of an API start's time).
     - Reconnecting: psycopg_pool doubles its wait after each failed attempt (1, 2, 4, 8 s ...),
       so after a failover of ten seconds the first connection to the new leader came up to 5 s
       after it took writes. Here every retry waits a jittered RETRY_SPACING instead, and all the
@@ -78,7 +87,12 @@ class LeaderPool(psycopg_pool.ConnectionPool):
     def __init__(self, conninfo: str, **kwargs):
         self._retry_lock = threading.Lock()
         self._next_retry = 0.0
-        super().__init__(conninfo, check=self.check_leader, configure=self._watch_commits, **kwargs)
+        super().__init__(conninfo, check=self.check_idle_connection, configure=self._configure, **kwargs)
+
+    @classmethod
+    def _configure(cls, conn: psycopg.Connection) -> None:
+        cls.check_leader(conn)
+        cls._watch_commits(conn)
 
     @staticmethod
     def _watch_commits(conn: psycopg.Connection) -> None:
@@ -104,6 +118,15 @@ class LeaderPool(psycopg_pool.ConnectionPool):
             conn.close()  # closed, the pool drops it instead of taking it back
             raise psycopg.OperationalError("the server is in recovery (a standby): not the leader")
 
+    @classmethod
+    def check_idle_connection(cls, conn: psycopg.Connection) -> None:
+        """The pool's check before handing out a connection: the round trip only when the
+        server has written to this idle connection (see the class's docstring)."""
+        if conn.closed:
+            raise psycopg.OperationalError("the connection is closed")
+        if server_has_spoken(conn):
+            cls.check_leader(conn)
+
     def schedule_task(self, task, delay: float) -> None:
         if isinstance(task, psycopg_pool.pool.AddConnection):
             with self._retry_lock:
@@ -112,6 +135,14 @@ class LeaderPool(psycopg_pool.ConnectionPool):
                 self._next_retry = at
             delay = at - now
         super().schedule_task(task, delay)
+
+
+def server_has_spoken(conn: psycopg.Connection) -> bool:
+    """Whether anything (or the end of the stream) waits to be read on an idle connection's
+    socket; no round trip. poll(), not select(): a service's descriptors may pass 1,024."""
+    poller = select.poll()
+    poller.register(conn.pgconn.socket, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
 
 
 def make_pool(config: Config, name: str, max_size: int = 10, **session: str) -> LeaderPool:

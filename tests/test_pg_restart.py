@@ -103,7 +103,10 @@ def test_the_pool_drops_a_connection_to_a_server_in_recovery_and_keeps_the_leade
             with pytest.raises(psycopg.OperationalError):
                 with pool.connection(timeout=2):
                     pass
-            assert pool.get_stats().get("connections_lost", 0) + pool.get_stats().get("returns_bad", 0) >= 1
+            # Each new connection is checked and refused (db.LeaderPool._configure), and the pool
+            # keeps trying (every ~0.25 s): none ever joined it.
+            stats = pool.get_stats()
+            assert stats["connections_num"] >= 2 and stats.get("pool_available", 0) == 0, stats
         finally:
             pool.close()
     finally:
@@ -150,4 +153,31 @@ def test_a_commit_the_synchronous_standby_never_confirmed_is_503_not_acknowledge
         with psycopg.connect(cluster.url, autocommit=True) as conn:
             conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
             conn.execute("SELECT pg_reload_conf()")
+        pool.close()
+
+
+def test_the_pool_spends_no_query_on_a_healthy_connection_and_drops_one_the_server_ended(db_url):
+    """The check before a checkout is a look at the socket: an idle connection the server has not
+    written to is handed out as it is (no query), one whose session the server ended is replaced."""
+    from config import Config
+    from db import make_pool, server_has_spoken
+
+    pool = make_pool(Config(database_url=db_url), "tests-check", max_size=1)
+    pool.open(wait=True, timeout=10)
+    try:
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            last_query = "SELECT query FROM pg_stat_activity WHERE pid = %s"
+            with pool.connection() as conn:
+                pid = conn.info.backend_pid
+                conn.execute("SELECT 42")
+            assert not server_has_spoken(conn)
+            with pool.connection() as again:
+                assert again.info.backend_pid == pid
+                assert admin.execute(last_query, [pid]).fetchone()[0] == "SELECT 42"  # no check query ran
+
+            admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+            wait_until(lambda: server_has_spoken(conn), 5, what="the FATAL and the end of the stream")
+            with pool.connection() as fresh:  # no error: the dead one was dropped, not handed out
+                assert fresh.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
+    finally:
         pool.close()
