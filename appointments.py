@@ -187,23 +187,26 @@ LEFT JOIN billing_queue q ON q.appointment_id = a.id
 WHERE a.id = %(id)s
 """
 
-# Row lock: concurrent ends of one appointment queue here, and each then sees the others' result.
-LOCK_APPOINTMENT = """
+# The appointment as an end finds it, with the database's clock for an end without end_date. Read
+# without a lock: END_AND_QUEUE_CHARGE applies the end only if the appointment is still open
+# then, and a concurrent end that came first is read again (AppointmentStore.end).
+SELECT_FOR_END = """
 SELECT a.id, a.start_date, a.end_date, a.physician_id, a.patient_id, a.price, a.hourly_rate,
-       q.status AS billing_status, date_trunc('second', now()) AS now
+       NULL::text AS billing_status, date_trunc('second', now()) AS now
 FROM appointments a
-LEFT JOIN billing_queue q ON q.appointment_id = a.id
 WHERE a.id = %(id)s
-FOR UPDATE OF a
 """
 
-# The end and its pending charge in one statement of one transaction; NOTIFY wakes the worker at
-# commit (and is dropped with a rollback, like the rest). The request id goes with the charge so
-# that the worker's log lines for it carry the id of the request that ended the appointment.
+# The end and its pending charge in one statement, so one transaction (autocommit: the statement
+# is its own). `end_date IS NULL` is re-checked on the row's latest version once its lock is
+# held, so of concurrent ends exactly one updates the row and queues the charge; the others get
+# no row back. NOTIFY wakes the worker at commit (and is dropped with a rollback, like the rest).
+# The request id goes with the charge so that the worker's log lines for it carry the id of the
+# request that ended the appointment.
 END_AND_QUEUE_CHARGE = """
 WITH ended AS (
     UPDATE appointments SET end_date = %(end_date)s, price = %(price)s
-    WHERE id = %(id)s
+    WHERE id = %(id)s AND end_date IS NULL
     RETURNING id, price
 ), queued AS (
     INSERT INTO billing_queue (appointment_id, total_price, request_id)
@@ -274,8 +277,13 @@ class AppointmentStore:
             return conn.cursor(row_factory=dict_row).execute(list_query(filters), args).fetchall()
 
     def start(self, new: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
-        """(created, row); a repeat of the same start returns the stored row."""
-        with self._pool.connection() as conn, conn.transaction():
+        """(created, row); a repeat of the same start returns the stored row.
+
+        One statement, no explicit transaction: one round trip. When it inserts nothing, the
+        appointment exists (committed: ON CONFLICT waits for a concurrent insert of the same id
+        to end, and appointments are never deleted), and is read back.
+        """
+        with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             row = cur.execute(INSERT_APPOINTMENT, new).fetchone()
             if row is not None:
@@ -287,20 +295,28 @@ class AppointmentStore:
         return False, stored
 
     def end(self, appointment_id: uuid.UUID, requested: dt.datetime | None, request_id: str) -> tuple[bool, dict[str, Any]]:
-        """(ended now, row); a repeat of the same end returns the stored row."""
-        with self._pool.connection() as conn, conn.transaction():
+        """(ended now, row); a repeat of the same end returns the stored row.
+
+        Optimistic: read (SELECT_FOR_END), decide (plan_end), then apply only if the appointment
+        is still open (END_AND_QUEUE_CHARGE), each statement its own transaction: two round trips
+        and no row lock held between them. When a concurrent end came first, the decision is made
+        again against what it stored: the same end is a repeat, another is a 409.
+        """
+        with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            row = cur.execute(LOCK_APPOINTMENT, {"id": appointment_id}).fetchone()
-            if row is None:
-                raise Problem(404, f"appointment_id: no appointment {appointment_id}")
-            plan = plan_end(row, requested, row["now"])
-            if plan is None:
-                # Another end committed while we waited for the lock: our lock query re-read the
-                # appointment row but kept its old (empty) view of billing_queue; a new statement sees it.
-                return False, cur.execute(SELECT_APPOINTMENT, {"id": appointment_id}).fetchone()
-            end_date, price = plan
-            cur.execute(END_AND_QUEUE_CHARGE, {"id": appointment_id, "end_date": end_date, "price": price, "request_id": request_id})
-        return True, {**row, "end_date": end_date, "price": price, "billing_status": "pending"}
+            while True:
+                row = cur.execute(SELECT_FOR_END, {"id": appointment_id}).fetchone()
+                if row is None:
+                    raise Problem(404, f"appointment_id: no appointment {appointment_id}")
+                plan = plan_end(row, requested, row["now"])
+                if plan is None:
+                    return False, cur.execute(SELECT_APPOINTMENT, {"id": appointment_id}).fetchone()
+                end_date, price = plan
+                args = {"id": appointment_id, "end_date": end_date, "price": price, "request_id": request_id}
+                if cur.execute(END_AND_QUEUE_CHARGE, args).fetchone() is not None:
+                    return True, {**row, "end_date": end_date, "price": price, "billing_status": "pending"}
+                # Ended by a concurrent request between the two statements: decide again (once:
+                # an ended appointment stays ended).
 
 
 # ---------------------------------------------------------------------------------------------
