@@ -102,6 +102,9 @@ class Config:
     hourly_rate: decimal.Decimal = decimal.Decimal("200.00")
     timezone: ZoneInfo = ZoneInfo("UTC")
     poll_seconds: float = 10.0
+    # LISTEN for the API's NOTIFY (off: poll only, for a PgBouncer in transaction mode, where a
+    # LISTEN does not hear anything).
+    listen: bool = True
     batch_size: int = 500
     max_attempts: int = 10
     # Requests that may wait on the change feed at once (each holds a waitress thread meanwhile).
@@ -144,6 +147,7 @@ class Config:
             hourly_rate=rate.quantize(CENTS),
             timezone=tz,
             poll_seconds=poll,
+            listen=_choice(env, "BILLING_LISTEN", "on", ("on", "off")) == "on",
             batch_size=_int(env, "BILLING_BATCH_SIZE", cls.batch_size, 1, 10000),
             max_attempts=_int(env, "BILLING_MAX_ATTEMPTS", cls.max_attempts, 1, 1000),
             feed_max_waiters=_int(env, "BILLING_FEED_MAX_WAITERS", cls.feed_max_waiters, 0, 256),

@@ -190,6 +190,7 @@ def test_config_defaults_match_the_documentation():
     config = Config.from_env({})
     assert (config.appointments_port, config.billing_port, config.poll_seconds) == (8080, 8081, 10.0)
     assert (config.hourly_rate, str(config.timezone), config.batch_size, config.max_attempts) == (Decimal("200.00"), "UTC", 500, 10)
+    assert config.listen is True and Config.from_env({"BILLING_LISTEN": "OFF"}).listen is False
 
 
 @pytest.mark.parametrize(
@@ -206,6 +207,7 @@ def test_config_defaults_match_the_documentation():
         ("BILLING_MAX_ATTEMPTS", "x"),
         ("LOG_LEVEL", "LOUD"),
         ("LOG_FORMAT", "xml"),
+        ("BILLING_LISTEN", "no"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_the_variable(name, value):

@@ -60,7 +60,7 @@ def test_every_endpoint_and_error_code_over_real_waitress(services, db_url):
     appointment = start_appointment(base)
     assert requests.get(f"{base}/appointments/{appointment['id']}").json() == appointment
     ended = end_appointment(base, appointment["id"], "2020-12-01 14:30:00")
-    assert ended["price"] == 300.0 and '"price": 300.00' in requests.get(f"{base}/appointments/{appointment['id']}").text
+    assert ended["price"] == 300.0 and '"price":300.00' in requests.get(f"{base}/appointments/{appointment['id']}").text
 
     def problem(response, status):
         assert response.status_code == status, response.text
@@ -144,6 +144,20 @@ def test_the_poll_bills_charges_that_came_without_a_notify(services, db_url, db)
     wait_until(lambda: ledger(db)["entries"] == 5, 10, what="polled billing")
     assert_billed_exactly_once(db, ended=5)
     assert worker.popen.poll() is None
+
+
+def test_with_billing_listen_off_the_worker_does_not_listen_and_waits_for_its_poll(services, db_url, db):
+    """BILLING_LISTEN=off (behind a PgBouncer in transaction mode): no LISTEN connection, and an end
+    is not billed before the poll (an hour here) although the API sent its NOTIFY."""
+    api = services("appointments.py", db_url).wait_healthy()
+    worker = services("billing_worker.py", db_url, BILLING_POLL_SECONDS=3600, BILLING_LISTEN="off").wait_healthy()
+    appointment = start_appointment(api.base_url)
+    end_appointment(api.base_url, appointment["id"])
+    time.sleep(1.5)  # NOTIFY-driven billing takes milliseconds (the test above)
+    assert billing_entry(worker, appointment["id"]) is None
+    listeners = "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'billing-worker-listen'"
+    assert db.execute(listeners).fetchone()["n"] == 0
+    assert ledger(db)["pending"] == 1
 
 
 def test_a_lost_listen_connection_is_listened_again(services, db_url, db):
