@@ -23,10 +23,10 @@ from zoneinfo import ZoneInfo
 
 import falcon
 import jsonschema
+import orjson
 import psycopg
 import psycopg.errors
 import psycopg_pool
-import simplejson
 import waitress.channel
 import waitress.server
 import waitress.task
@@ -109,7 +109,16 @@ def _on_unexpected(req, resp, ex: Exception, params) -> None:
 # ---------------------------------------------------------------------------------------------
 # Request bodies and responses.
 
-_dumps = functools.partial(simplejson.dumps, use_decimal=True, ensure_ascii=False)
+def _json_default(value: Any) -> Any:
+    # Money goes out as a JSON number spelled exactly as the Decimal is (200.00), never via float.
+    if isinstance(value, decimal.Decimal):
+        return orjson.Fragment(str(value))
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def dumps(media: Any) -> bytes:
+    """JSON as UTF-8 bytes (orjson); Decimals as numbers with their exact digits."""
+    return orjson.dumps(media, default=_json_default)
 
 
 def _reject_constant(name: str):
@@ -191,7 +200,7 @@ def read_json_object(req: falcon.Request, validate: SchemaValidator, optional: b
 def send(resp: falcon.Response, status: int, media: Any) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
-    resp.text = _dumps(media)
+    resp.data = dumps(media)
 
 
 def shown(value: str, limit: int = 80) -> str:

@@ -143,7 +143,7 @@ def test_billing_entry_is_404_until_billed_then_200(make_appointment, billing_ap
     found = billing_api.simulate_get(path)
     assert found.status_code == 200
     assert found.json["appointment_id"] == appointment["id"] and found.json["total_price"] == 203.33
-    assert '"total_price": 203.33' in found.text and len(found.json["created_at"]) == 19
+    assert '"total_price":203.33' in found.text and len(found.json["created_at"]) == 19
 
 
 def test_billing_entries_lists_newest_first_with_a_limit(make_appointment, billing_api, biller, db):

@@ -904,7 +904,7 @@ def observed(result) -> dict:
     """The JSON body with price as the Decimal its text spells, which must have two decimals."""
     body = result.json
     if body.get("price") is not None:
-        assert re.search(r'"price": \d+\.\d{2}[,}]', result.text), result.text
+        assert re.search(r'"price":\d+\.\d{2}[,}]', result.text), result.text
         body = {**body, "price": Decimal(str(body["price"]))}
     return body
 
