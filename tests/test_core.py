@@ -307,3 +307,44 @@ def test_a_problem_quotes_what_was_sent_but_cuts_a_long_value_short_and_names_an
     assert len(long_cursor.value.detail) < 300
     with pytest.raises(Problem, match="^'': unknown query parameter"):
         paging.query_params({"": "1"}, ("limit",))
+
+
+# --- the two validators of a request schema agree (web.SchemaValidator) -------------------------
+
+_UUIDISH = st.one_of(
+    st.uuids().map(str),
+    st.uuids().map(lambda u: str(u).upper()),
+    st.uuids().map(lambda u: u.hex),
+    st.uuids().map(lambda u: "{" + str(u) + "}"),
+    st.uuids().map(lambda u: "urn:uuid:" + str(u)),
+    st.uuids().map(lambda u: str(u)[:-1]),
+    st.uuids().map(lambda u: str(u).replace("-", "", 1) + "-"),
+    st.text(alphabet="0123456789abcdefABCDEF-{}:urn", max_size=45),
+)
+_TIMESTAMPISH = st.one_of(
+    st.datetimes().map(lambda d: d.isoformat(sep=" ", timespec="seconds")),
+    st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat()),
+    st.from_regex(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[ T][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,7})?(Z|[+-][0-9]{2}:?[0-9]{2})?\n?", fullmatch=True),
+    st.text(max_size=30),
+)
+_VALUES = st.one_of(_UUIDISH, _TIMESTAMPISH, st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.lists(st.integers(), max_size=2))
+_BODIES = st.one_of(
+    st.dictionaries(st.sampled_from(["id", "physician_id", "patient_id", "start_date", "end_date", "extra"]), _VALUES, max_size=5),
+    st.fixed_dictionaries({"physician_id": _UUIDISH, "patient_id": _UUIDISH}, optional={"id": _UUIDISH, "start_date": _TIMESTAMPISH}),
+    st.fixed_dictionaries({}, optional={"end_date": _TIMESTAMPISH}),
+    _VALUES,
+)
+
+
+@pytest.mark.parametrize("name", ["AppointmentStart", "AppointmentEnd"])
+@given(body=_BODIES)
+def test_the_fast_validator_and_jsonschema_agree_on_every_body(name, body):
+    import jsonschema
+
+    validator = SchemaValidator(openapi_spec(), name) if name not in _VALIDATORS else _VALIDATORS[name]
+    _VALIDATORS[name] = validator
+    explained = jsonschema.exceptions.best_match(validator._validator.iter_errors(body))
+    assert validator.is_valid(body) == (explained is None), explained
+
+
+_VALIDATORS: dict = {}
