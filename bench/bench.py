@@ -8,7 +8,7 @@
 This file owns the harness; bench/bench_*.lua are its wrk scripts and bench/ceiling_app.py the
 framework ceiling's app. Processes, wrk runs and tables come from bench/capacity.py, the cluster
 and the ledger check from tests/support.py. Needs wrk, pgbench and the PostgreSQL server binaries
-(Debian: wrk, postgresql-15). Takes about 7 minutes on 2 cores; --smoke takes about 40 s.
+(Debian: wrk, and postgresql-15 with its client). Takes about 7 minutes on 2 cores; --smoke takes about 40 s.
 
 What it runs, as a user would: a PostgreSQL cluster of its own (initdb in a temporary directory,
 PostgreSQL's defaults, fsync on, but for the settings in BenchCluster.SETTINGS; all recorded in
@@ -29,15 +29,16 @@ Sections, as issue 11 numbers them:
    running the endpoint's own SQL (PGBENCH_SCRIPTS). No worker runs.
 3. Drain: the backlog of --backlog charges that the soak (6) made through the real end path with
    no worker running, copied per run (CREATE DATABASE ... TEMPLATE): `billing_worker.py --once`,
-   charges/s net of its start-up (the median wall time of three `--once` on an empty queue), then
-   two `--once` started together; the ceiling: DRAIN_SQL on another copy, in one transaction.
-   Afterwards every charge must have exactly one entry (tests/support.py ledger()).
+   then two `--once` started together; charges/s net of start-up (the median wall time of three
+   runs of as many `--once` on an empty queue; a drain under a second, as in a smoke run, is timed
+   by the workers' batch log lines instead). The ceiling: DRAIN_SQL on another copy, in one
+   transaction. Afterwards every charge must have exactly one entry (tests/support.py ledger()).
 4. End to charge: ends at each --e2c-rates (open loop from wrk, bench_paced_end.lua) for
    --e2c-seconds, the worker running with its defaults; from each end's HTTP answer to its
    billing entry being visible to another session (LedgerWatch): with NOTIFY, then with polling
    only (BILLING_LISTEN=off; marked NO EFFECT when the worker still LISTENs). Ceiling: with
    NOTIFY, the worker's own CLAIM_AND_BILL run by a bare LISTEN loop (--bare-worker); with
-   polling, the poll interval.
+   polling, the poll interval. Each mode starts from a vacuumed queue (VACUUM_MAIN says why).
 5. Interference: POST /appointments at 16 connections while one worker drains a copy of the
    backlog, against the same run's idle window just before the worker started (bench_timed_start.lua).
 6. Memory and soak: peak RSS (VmHWM) of every service process of the run, next to a process with
