@@ -406,3 +406,11 @@ def test_upgrading_a_live_database_to_this_version_under_load_loses_nothing(serv
     assert len(fed) == len(set(fed)) and set(fed) == billed
     old_first = [row["appointment_id"] for row in db.execute("SELECT appointment_id::text FROM billing_entries WHERE txid = '0' ORDER BY appointment_id")]
     assert fed[:before_upgrade] == old_first
+
+
+def test_the_queue_and_the_appointments_are_vacuumed_after_a_fixed_number_of_changes(db):
+    """Dead entries in the partial indexes slow every claim until VACUUM (schema.sql): autovacuum
+    must not wait for a fifth of an ever-growing table to change."""
+    options = "SELECT coalesce(reloptions, '{}') AS o FROM pg_class WHERE oid = %s::regclass"
+    for table in ("billing_queue", "appointments"):
+        assert set(db.execute(options, [table]).fetchone()["o"]) >= {"autovacuum_vacuum_scale_factor=0", "autovacuum_vacuum_threshold=10000"}
