@@ -189,7 +189,7 @@ def test_hostile_json_is_a_400_not_an_exception(raw):
 def test_config_defaults_match_the_documentation():
     config = Config.from_env({})
     assert (config.appointments_port, config.billing_port, config.poll_seconds) == (8080, 8081, 10.0)
-    assert (config.hourly_rate, str(config.timezone), config.batch_size, config.max_attempts) == (Decimal("200.00"), "UTC", 500, 10)
+    assert (config.hourly_rate, str(config.timezone), config.batch_size, config.max_attempts) == (Decimal("200.00"), "UTC", 5000, 10)
     assert config.listen is True and Config.from_env({"BILLING_LISTEN": "OFF"}).listen is False
 
 
