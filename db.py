@@ -69,7 +69,8 @@ class LeaderPool(psycopg_pool.ConnectionPool):
       trip spent (ON_THE_LEADER), which drops a dead connection and reads anything else a server
       may send between queries (a NOTICE, a changed parameter). So a PostgreSQL restart costs the
       requests in flight at that moment and nothing after, and a busy service pays no query per
-      request for it (it did until issue 11: a quarter of an API start's time).
+      request for it (it did until issue 11: a quarter of an API start's time). A connection
+      back in the pool for less than FRESH seconds is not even looked at (check_idle_connection).
     - Reconnecting: psycopg_pool doubles its wait after each failed attempt (1, 2, 4, 8 s ...),
       so after a failover of ten seconds the first connection to the new leader came up to 5 s
       after it took writes. Here every retry waits a jittered RETRY_SPACING instead, and all the
@@ -83,6 +84,7 @@ class LeaderPool(psycopg_pool.ConnectionPool):
     """
 
     RETRY_SPACING = 0.25
+    FRESH = 0.01
 
     def __init__(self, conninfo: str, **kwargs):
         self._retry_lock = threading.Lock()
@@ -108,7 +110,10 @@ class LeaderPool(psycopg_pool.ConnectionPool):
     def connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection]:
         with super().connection(timeout=timeout) as conn:
             seen = conn.unreplicated_commits
-            yield conn
+            try:
+                yield conn
+            finally:
+                conn.returned_at = time.monotonic()  # before the pool takes it back
             if conn.unreplicated_commits != seen:
                 raise UnreplicatedCommit("the commit was not confirmed by the synchronous standby; retry: a retry finds it if it was kept")
 
@@ -121,9 +126,16 @@ class LeaderPool(psycopg_pool.ConnectionPool):
     @classmethod
     def check_idle_connection(cls, conn: psycopg.Connection) -> None:
         """The pool's check before handing out a connection: the round trip only when the
-        server has written to this idle connection (see the class's docstring)."""
+        server has written to this idle connection (see the class's docstring). A connection
+        back for less than FRESH seconds is handed out as it is: the look at its socket is a
+        system call that gives up the GIL, a tenth of a start's CPU under load (issue 11), and
+        under load a connection comes back every few milliseconds. What that lets through is
+        what the look would have missed anyway a moment later: a session that ended within
+        FRESH seconds, like one that ends during the request (a 503 the client retries)."""
         if conn.closed:
             raise psycopg.OperationalError("the connection is closed")
+        if time.monotonic() - getattr(conn, "returned_at", float("-inf")) < cls.FRESH:
+            return
         if server_has_spoken(conn):
             cls.check_leader(conn)
 

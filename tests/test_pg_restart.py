@@ -160,7 +160,7 @@ def test_the_pool_spends_no_query_on_a_healthy_connection_and_drops_one_the_serv
     """The check before a checkout is a look at the socket: an idle connection the server has not
     written to is handed out as it is (no query), one whose session the server ended is replaced."""
     from config import Config
-    from db import make_pool, server_has_spoken
+    from db import LeaderPool, make_pool, server_has_spoken
 
     pool = make_pool(Config(database_url=db_url), "tests-check", max_size=1)
     pool.open(wait=True, timeout=10)
@@ -177,6 +177,7 @@ def test_the_pool_spends_no_query_on_a_healthy_connection_and_drops_one_the_serv
 
             admin.execute("SELECT pg_terminate_backend(%s)", [pid])
             wait_until(lambda: server_has_spoken(conn), 5, what="the FATAL and the end of the stream")
+            time.sleep(2 * LeaderPool.FRESH)  # back longer than FRESH: its socket is looked at
             with pool.connection() as fresh:  # no error: the dead one was dropped, not handed out
                 assert fresh.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
     finally:
