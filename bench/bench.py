@@ -3,12 +3,16 @@
     make bench            # .venv/bin/python bench/bench.py, after installing wrk when it is missing
     make bench-smoke      # the same with --smoke: tiny sizes, the whole harness in well under a minute
     .venv/bin/python bench/bench.py [--seconds 4] [--connections 4,16,64] [--backlog 100000]
-        [--e2c-rates 200,500] [--e2c-seconds 10] [--soak-requests 150000] [--out FILE] [--smoke]
+        [--e2c-rates 200,500] [--e2c-seconds 10] [--soak-requests 500000] [--budget-seconds 570]
+        [--out FILE] [--smoke]
 
 This file owns the harness; bench/bench_*.lua are its wrk scripts and bench/ceiling_app.py the
-framework ceiling's app. Processes, wrk runs and tables come from bench/capacity.py, the cluster
-and the ledger check from tests/support.py. Needs wrk, pgbench and the PostgreSQL server binaries
-(Debian: wrk, and postgresql-15 with its client). Takes about 7 minutes on 2 cores; --smoke takes about 40 s.
+app of the framework ceiling and of the design floor. Processes, wrk runs and tables come from
+bench/capacity.py, the cluster and the ledger check from tests/support.py. Needs wrk, pgbench and
+the PostgreSQL server binaries (Debian: wrk, and postgresql-15 with its client). Takes about 9
+minutes on 2 cores (the soak's 500,000 requests are more than half of it; --budget-seconds keeps
+the whole under 9.5 minutes, see 6); --smoke takes about 40 s. The table ends with the run's wall
+time and each part's.
 
 What it runs, as a user would: a PostgreSQL cluster of its own (initdb in a temporary directory,
 PostgreSQL's defaults, fsync on, but for the settings in BenchCluster.SETTINGS; all recorded in
@@ -25,8 +29,14 @@ Sections, as issue 11 numbers them:
 2. POST /appointments (server-made ids) and POST /appointments/{id}/end (appointments started in
    SQL beforehand, each ended once), the same wrk settings: req/s, p50, p99, max, errors (wrk's:
    sockets, and answers of 400 and over; the API sends no 1xx or 3xx). Next to section 1 at the
-   same connections and to pgbench (-M prepared, as clinic_api, as many clients as connections)
-   running the endpoint's own SQL (PGBENCH_SCRIPTS). No worker runs.
+   same connections (the ratio issue 11's targets are about) and to pgbench (-M prepared, as
+   clinic_api, as many clients as connections) running the endpoint's own SQL (PGBENCH_SCRIPTS).
+   The start is also next to the design floor, measured alike at each connection count:
+   `ceiling_app.py --with-insert`, the framework ceiling's app whose POST also runs
+   appointments.INSERT_APPOINTMENT through the project's pool (db.make_pool) as clinic_api and
+   answers the row's id: what one round trip to PostgreSQL through psycopg costs in this design,
+   before any of the API's own work (validation, middleware, logging, access control). Its own
+   rows stand next to the framework ceiling. An end has no such floor. No worker runs.
 3. Drain: the backlog of --backlog charges that the soak (6) made through the real end path with
    no worker running, copied per run (CREATE DATABASE ... TEMPLATE): `billing_worker.py --once`,
    then two `--once` started together; charges/s net of start-up (the median wall time of three
@@ -43,10 +53,15 @@ Sections, as issue 11 numbers them:
    backlog, against the same run's idle window just before the worker started (bench_timed_start.lua).
 6. Memory and soak: peak RSS (VmHWM) of every service process of the run, next to a process with
    only falcon and waitress imported (MEMORY_FLOOR); the API's RSS (VmRSS) after --soak-baseline
-   and after --soak-requests requests of the soak mix (bench_soak.lua, 16 connections: the
-   backlog's ends spread over the run, the rest GET /appointments/{id} and POST /appointments
-   3:1), on a fresh API process. The soak's default of 150,000 keeps the run near 7 minutes;
-   --soak-requests 500000 is issue 11's count.
+   and after --soak-requests (issue 11's 10,000 and 500,000) requests, on a fresh API process at
+   16 connections (bench_soak.lua, soak_phases()). First the "ends" mix until the backlog's ends
+   are all sent: SOAK_ENDS_SHARE of the requests are those ends, the rest GET /appointments/{id}
+   and POST /appointments 3:1 (the baseline is read within it, so it has seen every kind of
+   request); then the "fast" mix makes up the count at about twice the rate: 1 in 20
+   POST /appointments, of the rest 1 in 3 GET /appointments/{id} and 2 in 3 GET /health. RSS is
+   read after each part. Should the run otherwise end later than --budget-seconds after it
+   began (a reserve for sections 3 and 5 taken off, RESERVE_AFTER_SOAK_SECONDS), the fast part
+   stops there: the table's row says the count reached, the JSON stopped_by_budget.
 
 Prints one table (value, ceiling, ratio, target from issue 11, PASS or MISS) and writes it with
 every raw figure and the machine's facts to bench/results/bench-<UTC yyyymmdd-hhmmss>.json (a
@@ -58,10 +73,10 @@ stops them (setpriv --pdeathsig; the cluster's postmaster gets SIGQUIT); the clu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import importlib.metadata
-import inspect
 import json
 import math
 import os
@@ -85,6 +100,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(BENCH))  # capacity.py, when this file is imported rather than run (tests/test_bench.py)
 
 import appointments  # noqa: E402
 import billing_worker  # noqa: E402
@@ -107,6 +123,12 @@ WARMUP_SECONDS = 1
 # a free one (bench_paced_end.lua); the slip is measured anyway.
 PACED_CONNECTIONS = 32
 SOAK_CONNECTIONS = 16
+# The soak's share of ends until the backlog is made (bench_soak.lua's "ends" mix); afterwards
+# the "fast" mix, about twice the rate, makes up --soak-requests (soak_phases()).
+SOAK_ENDS_SHARE = 0.9
+# What sections 3 and 5 take after the soak, per 100,000 charges of backlog, and a fixed part: the
+# soak's fast part stops where the run would otherwise end later than --budget-seconds.
+RESERVE_AFTER_SOAK_SECONDS = (10, 50)
 INTERFERENCE_CONNECTIONS = 16
 STARTUP_RUNS = 3  # `--once` on an empty queue, for the worker's start-up (their median)
 MIN_NET_DRAIN_SECONDS = 1.0  # below it, a drain's rate comes from the batch log lines (drains())
@@ -383,6 +405,16 @@ class Run:
         self.conn: psycopg.Connection | None = None  # superuser, on the main database
         self.pgbench_scripts: dict[str, str] = {}
         self.pgbench_statements: dict[str, list[str]] = {}
+        self.section_seconds: dict[str, float] = {}  # wall time of each part of execute(), in order
+        self.began = time.monotonic()  # main() sets it to its own start
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.section_seconds[name] = round(time.monotonic() - t0, 1)
 
     def url(self, dbname: str, role: str | None = None) -> str:
         return psycopg.conninfo.make_conninfo(self.cluster.url, dbname=dbname, **({"user": role} if role else {}))
@@ -552,13 +584,16 @@ def pgbench_cell(run: Run, kind: str, clients: int, number: int, expected_tps: f
     }
 
 
-def api_sections(run: Run, report: dict, api: str, ceiling: str) -> None:
-    framework, starts, ends, pg_starts, pg_ends = [], [], [], [], []
+def api_sections(run: Run, report: dict, api: str, ceiling: str, floor: str) -> None:
+    framework, floors, starts, ends, pg_starts, pg_ends = [], [], [], [], [], []
     number = 0
     for connections in run.args.connections:
         fw = http_cell(run, START_LUA, ceiling + "/appointments", connections)
         framework.append(fw)
         say(f"  c={connections} framework ceiling: {fw['requests_per_second']:,.0f} req/s, p99 {fw['p99_ms']:.1f} ms")
+        fl = http_cell(run, START_LUA, floor + "/appointments", connections)
+        floors.append(fl)
+        say(f"  c={connections} design floor (the ceiling app + INSERT_APPOINTMENT through the pool): {fl['requests_per_second']:,.0f} req/s, p99 {fl['p99_ms']:.1f} ms")
         start = http_cell(run, START_LUA, api + "/appointments", connections)
         starts.append(start)
         say(f"  c={connections} POST /appointments: {start['requests_per_second']:,.0f} req/s, p99 {start['p99_ms']:.1f} ms")
@@ -573,6 +608,13 @@ def api_sections(run: Run, report: dict, api: str, ceiling: str) -> None:
         say(f"  c={connections} pgbench: start {pg_start['transactions_per_second']:,.0f} tx/s, end {pg_end['transactions_per_second']:,.0f} tx/s")
     report["sections"]["1_framework_ceiling"] = {"app": "bench/ceiling_app.py", "cells": framework}
     report["sections"]["2_api"] = {
+        "design_floor": {
+            "app": "bench/ceiling_app.py --with-insert",
+            "what": "the framework ceiling's app whose POST also runs appointments.INSERT_APPOINTMENT (a uuid4 made by the app, the "
+                    "body's two ids) through db.make_pool as clinic_api and answers the row's id: one round trip to PostgreSQL "
+                    "through psycopg, no validation, middleware, logging or access control",
+            "cells": floors,
+        },
         "start": starts, "end": ends, "pgbench_start": pg_starts, "pgbench_end": pg_ends,
         "pgbench_scripts": run.pgbench_scripts, "pgbench_statements": run.pgbench_statements,
     }
@@ -791,29 +833,59 @@ def bare_worker(url: str) -> int:
 # 6 (first part): the soak, which makes the backlog of sections 3 and 5
 
 
+def soak_phases(backlog: int, baseline: int, total: int) -> list[tuple[str, int, int, str]]:
+    """The soak's wrk runs: (name, requests, ends among them, mix). The backlog's ends take
+    SOAK_ENDS_SHARE of the requests until they are all sent (the "ends" mix), spread alike over
+    the baseline and the rest of that span; what is left of the total is the "fast" mix. Empty
+    runs are left out."""
+    span = min(total, math.ceil(backlog / SOAK_ENDS_SHARE))
+    first = min(baseline, span)
+    first_ends = round(backlog * first / span)
+    phases = [("baseline", first, first_ends, "ends"), ("ends", span - first, backlog - first_ends, "ends")]
+    if baseline > span:  # a baseline past the ends' span: its remainder in the fast mix
+        phases.insert(1, ("baseline", baseline - span, 0, "fast"))
+    phases.append(("fast", total - max(span, baseline), 0, "fast"))
+    return [phase for phase in phases if phase[1] > 0]
+
+
 def soak(run: Run, report: dict) -> int:
-    """On a fresh API process over the empty backlog database: --soak-baseline requests, then the
-    rest of --soak-requests, the API's RSS read after each. The mix ends every appointment of the
-    backlog once, so the database is left with --backlog pending charges."""
+    """On a fresh API process over the empty backlog database: --soak-requests requests in the
+    wrk runs of soak_phases(), the API's RSS read after each (the first after --soak-baseline).
+    The ends mix ends every appointment of the backlog once, so the database is left with
+    --backlog pending charges; then the fast mix (bench_soak.lua) makes up the count."""
     args, conn_url = run.args, run.url("backlog")
     with psycopg.connect(conn_url, autocommit=True) as conn:
         all_ids = run.work_dir / "backlog-ids.txt"
         write_open_appointments(conn, args.backlog, all_ids)
     ids = all_ids.read_text().splitlines()
-    # The ends spread over both phases alike: the baseline phase gets its share of the ids.
-    first = round(len(ids) * args.soak_baseline / args.soak_requests)
-    phases = [("baseline", args.soak_baseline, ids[:first]), ("rest", args.soak_requests - args.soak_baseline, ids[first:])]
     api, base = run.start_api("api-soak", "backlog")
     readings, ends_sent = [], 0
     watch = psycopg.connect(conn_url, autocommit=True)
-    for name, requests, share in phases:
-        path = run.work_dir / f"soak-{name}-ids.txt"
-        path.write_text("".join(f"{i}\n" for i in share))
-        say(f"  soak: {requests:,} requests ({len(share):,} of them ends)")
-        markers = str(run.work_dir / f"soak-{name}")
+    fixed, per_100k = RESERVE_AFTER_SOAK_SECONDS
+    reserve = fixed + per_100k * args.backlog / 100_000
+    fast_deadline = run.began + args.budget_seconds - reserve if args.budget_seconds else math.inf
+    cut = False
+    for k, (name, requests, ends, mix) in enumerate(soak_phases(args.backlog, args.soak_baseline, args.soak_requests)):
+        # Only the fast part gives way to the budget: the baseline and the backlog's ends are needed whole.
+        limited = name == "fast" and fast_deadline < math.inf
+        if limited and fast_deadline - time.monotonic() < 1:
+            cut = True
+            say(f"  soak: the fast part ({requests:,} requests) left out: the run would end past --budget-seconds {args.budget_seconds}")
+            break
+        if mix == "ends":
+            path = run.work_dir / f"soak-{k}-ids.txt"
+            path.write_text("".join(f"{i}\n" for i in ids[ends_sent:ends_sent + ends]))
+        else:
+            path = all_ids  # read, not ended
+        say(f"  soak: {requests:,} requests, {mix} mix ({ends:,} of them ends)")
+        markers = str(run.work_dir / f"soak-{k}")
         t0 = time.monotonic()
-        process = run.wrk_start(f"soak-{name}", SOAK_LUA, base, SOAK_CONNECTIONS, [str(path), str(WRK_THREADS), str(requests), markers])
-        wrk = run.wrk_stop(process, markers=markers, timeout=max(600, requests / 100))
+        process = run.wrk_start(f"soak-{k}-{name}", SOAK_LUA, base, SOAK_CONNECTIONS, [str(path), str(WRK_THREADS), str(requests), markers, mix])
+        if limited:
+            wrk = run.wrk_stop(process, markers=markers, timeout=fast_deadline - time.monotonic(), must_finish=False)
+            cut = wrk["sent"] < requests
+        else:
+            wrk = run.wrk_stop(process, markers=markers, timeout=max(600, requests / 100))
         seconds = time.monotonic() - t0
         # wrk stops with its last requests still queued in the API (waitress cancels queued
         # requests when it is stopped): wait until each end sent has queued its charge (an end
@@ -823,11 +895,13 @@ def soak(run: Run, report: dict) -> int:
         while watch.execute(PENDING).fetchone()[0] < ends_sent and time.monotonic() < deadline:
             time.sleep(0.05)
         readings.append({
-            "phase": name, "requests": wrk["sent"], "ends": wrk["ends"], "seconds": round(seconds, 1),
+            "phase": name, "mix": mix, "requests": wrk["sent"], "ends": wrk["ends"], "seconds": round(seconds, 1),
             "requests_per_second": round(wrk["sent"] / seconds, 1), "errors": wrk_figures(wrk)["errors"],
             "rss_kb_after": proc_status_kb(api.pid, "VmRSS"), "wrk": wrk,
         })
-        say(f"    {seconds:.0f} s, RSS {readings[-1]['rss_kb_after'] / 1024:.1f} MB")
+        readings[-1]["requests_so_far"] = sum(r["requests"] for r in readings)
+        say(f"    {seconds:.0f} s ({readings[-1]['requests_per_second']:,.0f} req/s), RSS {readings[-1]['rss_kb_after'] / 1024:.1f} MB "
+            f"after {readings[-1]['requests_so_far']:,} requests" + (" (stopped: --budget-seconds)" if cut else ""))
     run.retire("api-soak", "api", api)
     watch.close()
     with psycopg.connect(conn_url, autocommit=True) as conn:
@@ -835,9 +909,22 @@ def soak(run: Run, report: dict) -> int:
         # Every copy then starts from the same visibility map and statistics, and no autovacuum
         # of these tables falls into a measurement.
         conn.execute("VACUUM (ANALYZE) appointments, billing_queue, billing_entries")
+    baseline_reading = next(r for r in readings if r["requests_so_far"] >= min(args.soak_baseline, args.soak_requests))
     report["sections"]["6_memory"] = {
         "soak": {"phases": readings, "total_requests": sum(r["requests"] for r in readings), "connections": SOAK_CONNECTIONS,
-                 "mix": "the backlog's ends spread evenly over the run; the rest GET /appointments/{id} and POST /appointments, 3:1",
+                 "requests_asked": args.soak_requests,
+                 "stopped_by_budget": cut,
+                 "budget": {"budget_seconds": args.budget_seconds, "reserve_after_soak_seconds": round(reserve, 1),
+                            "fast_part_deadline_s": None if fast_deadline == math.inf else round(fast_deadline - run.began, 1)},
+                 "baseline_requests": baseline_reading["requests_so_far"],
+                 "baseline_rss_kb": baseline_reading["rss_kb_after"],
+                 "errors": sum(r["errors"] for r in readings),
+                 "mix": {
+                     "ends": f"until the backlog's ends are all sent (the first {math.ceil(args.backlog / SOAK_ENDS_SHARE):,} requests at most): "
+                             f"{SOAK_ENDS_SHARE:.0%} of the requests are the backlog's ends, spread evenly; the rest GET /appointments/{{id}} "
+                             "and POST /appointments, 3:1",
+                     "fast": "then: 1 in 20 POST /appointments; of the rest, 1 in 3 GET /appointments/{id}, 2 in 3 GET /health",
+                 },
                  "backlog_pending_after": pending},
     }
     if pending != args.backlog:
@@ -1010,6 +1097,9 @@ class Row:
     target: str = "-"
     ok: bool | None = None
     result: str | None = None  # instead of PASS / MISS (NO EFFECT)
+    floor_name: str | None = None  # the design floor, for section 2's starts (not a target)
+    floor: float | None = None
+    floor_show: str = ""
 
     @staticmethod
     def _ratio(value, ceiling):
@@ -1020,6 +1110,8 @@ class Row:
             "section": self.section, "figure": self.figure, "value": self.value,
             "ceiling": None if self.ceiling_name is None else {"name": self.ceiling_name, "value": self.ceiling},
             "ratio": self._ratio(self.value, self.ceiling),
+            "design_floor": None if self.floor_name is None else {"name": self.floor_name, "value": self.floor},
+            "design_floor_ratio": self._ratio(self.value, self.floor),
             "database_ceiling": None if self.also_name is None else {"name": self.also_name, "value": self.also},
             "database_ratio": self._ratio(self.value, self.also),
             "target": self.target, "result": self.verdict(),
@@ -1032,10 +1124,12 @@ class Row:
 
     def cells(self) -> list[str]:
         ratio, also_ratio = self._ratio(self.value, self.ceiling), self._ratio(self.value, self.also)
+        floor_ratio = self._ratio(self.value, self.floor)
         return [
             f"{self.section}. {self.figure}", self.show,
             f"{self.ceiling_name} {self.ceiling_show}" if self.ceiling_name else "(the ceiling)",
             f"{ratio:.2f}x" if ratio is not None else "-",
+            f"{self.floor_show} ({floor_ratio:.2f}x)" if self.floor_name and floor_ratio is not None else "-",
             f"{self.also_name} {self.also_show} ({also_ratio:.2f}x)" if self.also_name and also_ratio is not None else "-",
             self.target, self.verdict(),
         ]
@@ -1043,6 +1137,10 @@ class Row:
 
 def lat(cell: dict) -> str:
     return f"{cell['p50_ms']:.1f}/{cell['p99_ms']:.1f}/{cell['max_ms']:.0f}"
+
+
+def floor_of(value: float, show: str) -> dict:
+    return {"floor_name": "design floor", "floor": value, "floor_show": show}
 
 
 def table_rows(report: dict) -> list[Row]:
@@ -1053,18 +1151,28 @@ def table_rows(report: dict) -> list[Row]:
         rows.append(Row(1, f"framework JSON POST c={c} req/s", fw["requests_per_second"], f"{fw['requests_per_second']:,.0f}"))
         rows.append(Row(1, f"framework JSON POST c={c} p50/p99/max ms", fw["p99_ms"], lat(fw)))
     api = s["2_api"]
+    floors = api["design_floor"]["cells"]
+    for fl, fw in zip(floors, s["1_framework_ceiling"]["cells"]):
+        c, rps = fl["connections"], fl["requests_per_second"]
+        errors = f" ({fl['errors']:,} errors)" if fl["errors"] else ""
+        rows.append(Row(2, f"design floor: JSON POST + INSERT c={c} req/s", rps, f"{rps:,.0f}{errors}", "framework", fw["requests_per_second"],
+                        f"{fw['requests_per_second']:,.0f}"))
+        rows.append(Row(2, f"design floor: JSON POST + INSERT c={c} p50/p99/max ms", fl["p99_ms"], lat(fl), "framework", fw["p99_ms"], lat(fw)))
     for kind, label, pg_kind, want in (("start", "POST /appointments", "pgbench_start", TARGET_START_VS_FRAMEWORK),
                                        ("end", "POST /appointments/{id}/end", "pgbench_end", TARGET_END_VS_FRAMEWORK)):
-        for cell, fw, pg in zip(api[kind], s["1_framework_ceiling"]["cells"], api[pg_kind]):
+        for cell, fw, pg, fl in zip(api[kind], s["1_framework_ceiling"]["cells"], api[pg_kind], floors):
             c = cell["connections"]
             rps = cell["requests_per_second"]
+            start = kind == "start"  # the design floor is the start's (one INSERT); an end has none
             rows.append(Row(2, f"{label} c={c} req/s", rps, f"{rps:,.0f}", "framework", fw["requests_per_second"], f"{fw['requests_per_second']:,.0f}",
                             "pgbench", pg["transactions_per_second"], f"{pg['transactions_per_second']:,.0f}",
-                            f">= {want}x framework", rps >= want * fw["requests_per_second"]))
+                            f">= {want}x framework", rps >= want * fw["requests_per_second"],
+                            **(floor_of(fl["requests_per_second"], f"{fl['requests_per_second']:,.0f}") if start else {})))
             at64 = c == 64
             rows.append(Row(2, f"{label} c={c} p50/p99/max ms", cell["p99_ms"], lat(cell), "framework", fw["p99_ms"], lat(fw),
                             "pgbench", pg["p99_ms"], f"{pg['p50_ms']:.1f}/{pg['p99_ms']:.1f}/{pg['max_ms']:.0f}",
-                            f"max <= {TARGET_MAX_MS_AT_64} ms" if at64 else "-", cell["max_ms"] <= TARGET_MAX_MS_AT_64 if at64 else None))
+                            f"max <= {TARGET_MAX_MS_AT_64} ms" if at64 else "-", cell["max_ms"] <= TARGET_MAX_MS_AT_64 if at64 else None,
+                            **(floor_of(fl["p99_ms"], lat(fl)) if start else {})))
             rows.append(Row(2, f"{label} c={c} errors", cell["errors"], str(cell["errors"]), "framework", fw["errors"], str(fw["errors"]),
                             "pgbench", pg["errors"], str(pg["errors"]), "0" if at64 else "-", cell["errors"] == 0 if at64 else None))
     d = s["3_drain"]
@@ -1118,14 +1226,13 @@ def table_rows(report: dict) -> list[Row]:
                         target=f"<= {TARGET_PEAK_RSS_MB} MB", ok=peak <= TARGET_PEAK_RSS_MB))
     soak_ = m["soak"]
     growth = m["rss_growth_mb"]
-    rows.append(Row(6, f"API RSS growth MB, {soak_['phases'][0]['requests']:,} -> {soak_['total_requests']:,} requests", growth,
+    rows.append(Row(6, f"API RSS growth MB, {soak_['baseline_requests']:,} -> {soak_['total_requests']:,} requests", growth,
                     f"{growth:+.1f}", "no growth", 0.0, "0.0", target=f"<= {TARGET_RSS_GROWTH_MB} MB", ok=growth <= TARGET_RSS_GROWTH_MB))
     return rows
 
 
 def memory_floor_kb() -> int:
-    threads = inspect.signature(web.make_server).parameters["threads"].default  # what appointments.py serves with
-    done = subprocess.run([sys.executable, "-c", MEMORY_FLOOR, str(threads)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", MEMORY_FLOOR, str(web.THREADS)], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         raise BenchError(f"the memory floor failed: {done.stderr}")
     return int(done.stdout.strip())
@@ -1142,8 +1249,8 @@ def memory_summary(run: Run, report: dict, ceiling_peak_kb: int | None) -> None:
         peaks = [p["peak_rss_kb"] for p in run.memory if p["kind"] == kind and p["peak_rss_kb"]]
         m["peak_rss_mb"][kind] = round(max(peaks) / 1024, 1)
         m["processes"][kind] = len(peaks)
-    phases = m["soak"]["phases"]
-    m["rss_growth_mb"] = round((phases[-1]["rss_kb_after"] - phases[0]["rss_kb_after"]) / 1024, 2)
+    soak_ = m["soak"]
+    m["rss_growth_mb"] = round((soak_["phases"][-1]["rss_kb_after"] - soak_["baseline_rss_kb"]) / 1024, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1196,39 +1303,52 @@ def machine_facts(run: Run) -> dict:
 
 
 def execute(run: Run, report: dict) -> None:
-    args = run.args
-    say("cluster: initdb, start (fsync on)")
-    run.cluster = BenchCluster()
-    run.cluster.start_in(run.cluster_processes)
-    run.create_database("bench")
-    run.create_database("backlog")
-    run.conn = psycopg.connect(run.url("bench"), autocommit=True)
-    report["machine"] = machine_facts(run)
+    with run.timed("cluster and databases"):
+        say("cluster: initdb, start (fsync on)")
+        run.cluster = BenchCluster()
+        run.cluster.start_in(run.cluster_processes)
+        run.create_database("bench")
+        run.create_database("backlog")
+        run.conn = psycopg.connect(run.url("bench"), autocommit=True)
+        report["machine"] = machine_facts(run)
 
-    say("1-2. framework ceiling, API, pgbench")
-    ceiling_port = free_port()
-    ceiling_app = run.processes.start("ceiling-app", [sys.executable, str(CEILING_APP), str(ceiling_port)], dict(os.environ))
-    ceiling = f"http://127.0.0.1:{ceiling_port}"
-    wait_http(ceiling + "/health", ceiling_app)
-    api, base = run.start_api("api", "bench")
-    api_sections(run, report, base, ceiling)
-    ceiling_peak_kb = proc_status_kb(ceiling_app.pid, "VmHWM")
-    run.processes.stop(ceiling_app)
+    with run.timed("1-2. framework ceiling, design floor, API, pgbench"):
+        say("1-2. framework ceiling, design floor, API, pgbench")
+        ceiling_port = floor_port = free_port()
+        while floor_port == ceiling_port:
+            floor_port = free_port()
+        ceiling_app = run.processes.start("ceiling-app", [sys.executable, str(CEILING_APP), str(ceiling_port)], dict(os.environ))
+        floor_env = {**os.environ, "DATABASE_URL": run.url("bench", ROLES["api"])}
+        floor_app = run.processes.start("floor-app", [sys.executable, str(CEILING_APP), str(floor_port), "--with-insert"], floor_env)
+        ceiling, floor = f"http://127.0.0.1:{ceiling_port}", f"http://127.0.0.1:{floor_port}"
+        wait_http(ceiling + "/health", ceiling_app)
+        wait_http(floor + "/health", floor_app)
+        api, base = run.start_api("api", "bench")
+        api_sections(run, report, base, ceiling, floor)
+        ceiling_peak_kb = proc_status_kb(ceiling_app.pid, "VmHWM")
+        report["sections"]["2_api"]["design_floor"]["peak_rss_mb"] = round((proc_status_kb(floor_app.pid, "VmHWM") or 0) / 1024, 1)
+        run.processes.stop(ceiling_app)
+        run.processes.stop(floor_app)
 
-    say("4. end to charge")
-    end_to_charge(run, report, base)
-    run.retire("api", "api", api)
+    with run.timed("4. end to charge"):
+        say("4. end to charge")
+        end_to_charge(run, report, base)
+        run.retire("api", "api", api)
 
-    say("6. soak (it makes the backlog of 3 and 5)")
-    charges = soak(run, report)
+    with run.timed("6. soak (makes the backlog)"):
+        say("6. soak (it makes the backlog of 3 and 5)")
+        charges = soak(run, report)
 
-    say("3. drain")
-    drains(run, report, charges)
+    with run.timed("3. drain"):
+        say("3. drain")
+        drains(run, report, charges)
 
-    say("5. interference")
-    interference(run, report, charges)
+    with run.timed("5. interference"):
+        say("5. interference")
+        interference(run, report, charges)
 
-    memory_summary(run, report, ceiling_peak_kb)
+    with run.timed("6. memory floor"):
+        memory_summary(run, report, ceiling_peak_kb)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1241,8 +1361,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--e2c-seconds", type=float, default=10, help="seconds of each section 4 run (default 10)")
     parser.add_argument("--e2c-ceiling-seconds", type=float, default=5, help="seconds of each run of section 4's ceiling (default 5)")
     parser.add_argument("--poll-seconds", type=float, help="BILLING_POLL_SECONDS of the polling-only worker (default: the worker's own, 10)")
-    parser.add_argument("--soak-requests", type=int, default=150_000,
-                        help="requests of the soak, section 6 (default 150,000: 500,000 takes some 10 minutes more)")
+    parser.add_argument("--soak-requests", type=int, default=500_000, help="requests of the soak, section 6 (default 500,000, issue 11's count)")
+    parser.add_argument("--budget-seconds", type=float, default=570,
+                        help="the soak's fast part stops early should the run otherwise take longer than this (default 570: 9.5 minutes; "
+                             "the table says the count reached); 0: no limit")
     parser.add_argument("--soak-baseline", type=int, default=10_000, help="requests after which the soak's first RSS is read (default 10,000)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes (1 s cells, 16 connections, backlog 2,000, soak 4,000, polling every 1 s): the harness runs, its figures mean little")
@@ -1268,25 +1390,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def print_table(report: dict, rows: list[Row], out: Path) -> None:
-    header = ["figure", "value", "ceiling", "ratio", "vs database (ratio)", "target", "result"]
+    header = ["figure", "value", "ceiling", "ratio", "vs design floor (ratio)", "vs database (ratio)", "target", "result"]
     print()
     print(fmt_table(header, [row.cells() for row in rows]))
     m = report["machine"]
     passed = sum(1 for r in rows if r.verdict() == "PASS")
     judged = sum(1 for r in rows if r.verdict() in ("PASS", "MISS"))
     print(f"\n{passed} of {judged} targets met. Latencies p50/p99/max in ms; ratios are value / ceiling (for latency rows, of p99).")
+    print("Design floor: bench/ceiling_app.py --with-insert, the framework ceiling's app plus appointments.INSERT_APPOINTMENT through "
+          "db.make_pool (one round trip, nothing else); the start's ratio to it is shown, its target stays the framework's.")
     mem = report["sections"]["6_memory"]
     print(f"Memory floor: Python with falcon and waitress imported, a waitress server made: {mem['floor_peak_rss_mb']:.1f} MB; "
           f"the ceiling app (it imports web.py, and so psycopg, jsonschema, yaml ...): {mem['ceiling_app_peak_rss_mb']:.1f} MB.")
     e = report["sections"]["4_end_to_charge"]
     if not e["listen_off_honoured"]:
         print("NO EFFECT: with BILLING_LISTEN=off the worker still LISTENed (or billed far quicker than its poll): the polling figures are NOTIFY's.")
+    soak_ = mem["soak"]
+    print(f"Soak: {soak_['total_requests']:,} requests at {soak_['connections']} connections, "
+          + "; ".join(f"{p['requests']:,} {p['mix']} mix in {p['seconds']:.0f} s ({p['requests_per_second']:,.0f}/s)" for p in soak_["phases"])
+          + f". Mixes: {soak_['mix']['ends']}; {soak_['mix']['fast']}."
+          + (f" STOPPED at --budget-seconds {soak_['budget']['budget_seconds']:.0f}: {soak_['total_requests']:,} of the {soak_['requests_asked']:,} asked."
+             if soak_["stopped_by_budget"] else ""))
+    total = round(report["duration_seconds"])
+    print(f"Wall time: {total} s ({total // 60} min {total % 60:02d} s) to this table; by part: "
+          + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report["section_seconds"].items()) + ".")
     print(f"{m['cpu']}, {m['cores']} cores, {m['kernel']}, {m['postgresql'].split(' on ')[0]}, Python {m['python']}; "
-          f"commit {m['git_commit'][:10]}{' (uncommitted changes)' if m['git_dirty'] else ''}; {report['duration_seconds']:.0f} s; "
+          f"commit {m['git_commit'][:10]}{' (uncommitted changes)' if m['git_dirty'] else ''}; "
           f"{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    clock = time.monotonic()  # the run's wall time counts from here
     args = parse_args(argv)
     if args.bare_worker:
         return bare_worker(args.bare_worker)
@@ -1306,6 +1440,7 @@ def main(argv: list[str] | None = None) -> int:
         out = ROOT / "bench" / "results" / f"bench-{stamp}.json"
     work_dir = Path(tempfile.mkdtemp(prefix="clinic-bench-"))
     run = Run(args, work_dir)
+    run.began = clock
     try:
         # Built first, so that SQL the harness cannot follow fails it before any load.
         scripts = {kind: pgbench_script(kind) for kind in PGBENCH_SCRIPTS}
@@ -1324,11 +1459,12 @@ def main(argv: list[str] | None = None) -> int:
                      "cluster_settings": BenchCluster.SETTINGS, "service_settings": "defaults, but ports, DATABASE_URL (own role) and API_TOKENS (one token)"},
         "sections": {},
     }
-    clock = time.monotonic()
     ok = False
     try:
         execute(run, report)
-        report["duration_seconds"] = round(time.monotonic() - clock, 1)
+        report["duration_seconds"] = round(time.monotonic() - clock, 1)  # from main() to here: all but the table and the clean-up
+        report["section_seconds"] = {**run.section_seconds,
+                                     "other (start-up, checks)": max(0.0, round(report["duration_seconds"] - sum(run.section_seconds.values()), 1))}
         report["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         report["load_average_at_end"] = capacity.loadavg()
         rows = table_rows(report)
@@ -1357,6 +1493,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work_dir, ignore_errors=True)
         else:
             say(f"logs and wrk output kept in {work_dir}")
+        say(f"processes stopped, cluster removed: {time.monotonic() - clock:.0f} s in all")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 The smoke runs every section at tiny sizes (about 40 s) on a cluster of its own; its figures mean
 little, so nothing here judges them, only that each is there, numeric and next to its ceiling, and
 that the ledger checks it ran found every charge billed exactly once. Without wrk (Debian's
-package) it is skipped, unless REQUIRE_WRK=1 (CI), which makes that a failure.
+package) it is skipped, unless REQUIRE_WRK=1 (CI), which makes that a failure. How the soak is cut
+into its parts is checked without running anything.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -18,6 +21,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_harness():
+    """bench/bench.py as a module of its own name (bench/ is no package, and "bench" is its directory's name)."""
+    spec = importlib.util.spec_from_file_location("bench_harness", ROOT / "bench" / "bench.py")
+    module = sys.modules["bench_harness"] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_harness()
 SECTIONS = ("1_framework_ceiling", "2_api", "3_drain", "4_end_to_charge", "5_interference", "6_memory")
 
 
@@ -72,3 +86,64 @@ def test_smoke_run_records_the_machine_and_the_settings(smoke):
         assert machine.get(key) is not None, key
     assert machine["postgresql_settings"]["fsync"]["value"] == "on"
     assert report["smoke"] is True
+
+
+def test_smoke_run_sets_the_start_next_to_the_design_floor(smoke):
+    """Section 2 measures the design floor (ceiling_app.py --with-insert) at each connection count;
+    its rows stand next to the framework ceiling, and each start row also next to it, while the
+    framework stays the start's target ceiling. An end has no floor."""
+    report, printed = smoke
+    floor = report["sections"]["2_api"]["design_floor"]
+    assert len(floor["cells"]) == len(report["sections"]["2_api"]["start"]) > 0
+    for cell in floor["cells"]:
+        assert is_number(cell["requests_per_second"]) and cell["requests_per_second"] > 0, cell
+        assert cell["errors"] == 0, cell
+    rows = [row for row in report["table"] if row["section"] == 2]
+    assert any(row["figure"].startswith("design floor") for row in rows)
+    for row in rows:
+        if row["figure"].startswith("POST /appointments c=") and not row["figure"].endswith("errors"):
+            assert row["ceiling"]["name"] == "framework" and row["design_floor"]["name"] == "design floor", row
+            assert is_number(row["design_floor_ratio"]), row
+        elif row["figure"].startswith("POST /appointments/{id}/end"):
+            assert row["design_floor"] is None, row
+    assert "vs design floor" in printed
+
+
+def test_smoke_run_reports_its_wall_time_and_each_part(smoke):
+    """The JSON and the printed table carry the run's wall time and each part's."""
+    report, printed = smoke
+    assert is_number(report["duration_seconds"]) and report["duration_seconds"] > 0
+    parts = report["section_seconds"]
+    assert all(is_number(seconds) and seconds >= 0 for seconds in parts.values()), parts
+    assert any("soak" in name for name in parts) and any("drain" in name for name in parts), parts
+    assert sum(parts.values()) == pytest.approx(report["duration_seconds"], abs=1)
+    assert "Wall time:" in printed
+
+
+def test_smoke_run_soaks_every_request_asked_in_both_mixes(smoke):
+    """The soak sends the count asked (the smoke is far within the time budget): the backlog's
+    ends first, then the fast mix, an RSS reading after each part."""
+    report, _ = smoke
+    soak = report["sections"]["6_memory"]["soak"]
+    assert soak["stopped_by_budget"] is False
+    assert soak["total_requests"] == soak["requests_asked"] == report["settings"]["soak_requests"]
+    assert [phase["mix"] for phase in soak["phases"]] == ["ends", "ends", "fast"]
+    assert sum(phase["ends"] for phase in soak["phases"]) == report["sections"]["3_drain"]["backlog"]
+    assert soak["baseline_requests"] == report["settings"]["soak_baseline"]
+    assert all(is_number(phase["rss_kb_after"]) for phase in soak["phases"])
+
+
+@pytest.mark.parametrize(("backlog", "baseline", "total"), [(100_000, 10_000, 500_000), (2_000, 1_000, 4_000), (100_000, 10_000, 110_000),
+                                                            (2_000, 10_000, 40_000), (100_000, 10_000, 111_112)])
+def test_soak_phases_send_every_end_once_and_the_count_asked(backlog, baseline, total):
+    """soak_phases(): the requests add up to the count asked, the ends to the backlog, no part asks
+    for more ends than requests, and the first reading comes after the baseline's requests."""
+    phases = bench.soak_phases(backlog, baseline, total)
+    assert sum(requests for _, requests, _, _ in phases) == total
+    assert sum(ends for _, _, ends, _ in phases) == backlog
+    assert all(0 <= ends <= requests and requests > 0 for _, requests, ends, _ in phases)
+    span = min(total, math.ceil(backlog / bench.SOAK_ENDS_SHARE))  # the ends at their share, or denser when the total is short
+    assert phases[0][0] == "baseline" and phases[0][1] == min(baseline, span)
+    assert sum(requests for name, requests, _, _ in phases if name == "baseline") == baseline
+    assert sum(requests for _, requests, _, mix in phases if mix == "ends") == span
+    assert all(ends == 0 for _, _, ends, mix in phases if mix == "fast")
