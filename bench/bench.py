@@ -1271,7 +1271,7 @@ def machine_facts(run: Run) -> dict:
         return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     packages = {}
-    for name in ("falcon", "waitress", "psycopg", "psycopg-binary", "psycopg-pool", "structlog", "orjson", "simplejson",
+    for name in ("falcon", "waitress", "psycopg", "psycopg-binary", "psycopg-pool", "structlog", "orjson", "fastjsonschema",
                  "jsonschema", "prometheus-client", "PyYAML"):
         try:
             packages[name] = importlib.metadata.version(name)
