@@ -169,7 +169,8 @@ def representation(row: dict[str, Any], tz: ZoneInfo) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Storage: each method is one short transaction.
+# Storage: each statement is its own short transaction (autocommit); none holds a lock across
+# Python code.
 
 INSERT_APPOINTMENT = """
 INSERT INTO appointments (id, physician_id, patient_id, start_date, hourly_rate)
@@ -196,6 +197,8 @@ SELECT a.id, a.start_date, a.end_date, a.physician_id, a.patient_id, a.price, a.
 FROM appointments a
 WHERE a.id = %(id)s
 """
+
+END_ATTEMPTS = 3
 
 # The end and its pending charge in one statement, so one transaction (autocommit: the statement
 # is its own). `end_date IS NULL` is re-checked on the row's latest version once its lock is
@@ -304,7 +307,7 @@ class AppointmentStore:
         """
         with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            while True:
+            for _ in range(END_ATTEMPTS):
                 row = cur.execute(SELECT_FOR_END, {"id": appointment_id}).fetchone()
                 if row is None:
                     raise Problem(404, f"appointment_id: no appointment {appointment_id}")
@@ -315,8 +318,11 @@ class AppointmentStore:
                 args = {"id": appointment_id, "end_date": end_date, "price": price, "request_id": request_id}
                 if cur.execute(END_AND_QUEUE_CHARGE, args).fetchone() is not None:
                     return True, {**row, "end_date": end_date, "price": price, "billing_status": "pending"}
-                # Ended by a concurrent request between the two statements: decide again (once:
-                # an ended appointment stays ended).
+                # Ended by a concurrent request between the two statements: decide again. Once is
+                # enough (an ended appointment stays ended); the bound keeps a surprise (a trigger
+                # or policy that drops the update) from spinning a thread.
+        log.error("end_not_applied", appointment_id=str(appointment_id), attempts=END_ATTEMPTS)
+        raise Problem(503, f"appointment_id: the end of {appointment_id} could not be applied; retry", {"Retry-After": "1"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,8 +115,7 @@ END $$;
 -- and REVOKE take no lock on the tables: nothing here waits for the services.
 --
 -- SELECT ... FOR UPDATE needs UPDATE on at least one column of the locked table (PostgreSQL's
--- rule): the API's LOCK_APPOINTMENT (FOR UPDATE OF a) has it through UPDATE (end_date, price) on
--- appointments, the worker's CLAIM through its UPDATE of the status columns of billing_queue.
+-- rule): the worker's CLAIM has it through its UPDATE of the status columns of billing_queue.
 -- Foreign-key checks run as the table's owner, so neither needs anything on the referenced table
 -- for them. pg_notify (the API's NOTIFY) and LISTEN (the worker) are allowed to every role.
 -- billing_status (the view for people with psql) is granted to neither: no service reads it.
@@ -132,10 +131,11 @@ BEGIN
     -- clinic_api, the appointments API:
     --   INSERT_APPOINTMENT  inserts id, physician_id, patient_id, start_date, hourly_rate
     --                       (created_at, end_date and price keep their defaults), RETURNING;
-    --   SELECT_APPOINTMENT, LOCK_APPOINTMENT  read every column but created_at;
-    --   END_AND_QUEUE_CHARGE  updates end_date and price only; inserts the queue row's
-    --                       appointment_id, total_price and request_id, RETURNING appointment_id;
-    --   SELECT/LOCK_APPOINTMENT  join billing_queue on appointment_id for its status;
+    --   SELECT_APPOINTMENT, SELECT_FOR_END  read every column but created_at;
+    --   END_AND_QUEUE_CHARGE  updates end_date and price only (where end_date IS NULL, a read
+    --                       of end_date); inserts the queue row's appointment_id, total_price
+    --                       and request_id, RETURNING appointment_id;
+    --   SELECT_APPOINTMENT  joins billing_queue on appointment_id for its status;
     --   QUEUE_STATS         counts billing_queue by status, and its due rows' available_at.
     --   Nothing on billing_entries: the ledger is the worker's.
     GRANT SELECT (id, physician_id, patient_id, start_date, end_date, hourly_rate, price),
