@@ -6,9 +6,11 @@
     python billing_worker.py requeue    # make failed charges pending again
     python billing_worker.py reconcile  # check the ledger against the appointments; exit 1 on a mismatch
 
-Exactly once: a charge is claimed, written and marked billed in one transaction. A crash at any
-point rolls that transaction back and the rows are claimed again on the next pass; the primary key
-of billing_entries is the last line of defence.
+Exactly once: a charge is claimed, written and marked billed in one transaction (one statement,
+CLAIM_AND_BILL). It commits whole or not at all: a worker that dies before the commit leaves the
+rows pending for the next pass, and one that dies just after (or while the statement runs on, the
+server finishing it) leaves them billed, once, only not logged by that worker. The primary key of
+billing_entries is the last line of defence.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ log = get_logger("clinic.billing")
 
 CHANNEL = "billing_queue"
 # A worker frozen inside a transaction (SIGSTOP, a stuck VM) loses its session after this long,
-# which rolls its batch back and frees the rows for the other workers.
+# which rolls its batch back and frees the rows for the other workers. The fast path is a single
+# statement, never idle in a transaction; this bounds the row-by-row path, which holds one open
+# between its savepoints.
 WORKER_SESSION = {"idle_in_transaction_session_timeout": "5s", "statement_timeout": "60s"}
 MAX_BACKOFF_SECONDS = 3600
 # A failed pass (no database, no leader) is tried again after 0.25 s, then 0.5, 1, 2 s at most.

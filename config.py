@@ -102,8 +102,8 @@ class Config:
     hourly_rate: decimal.Decimal = decimal.Decimal("200.00")
     timezone: ZoneInfo = ZoneInfo("UTC")
     poll_seconds: float = 10.0
-    # LISTEN for the API's NOTIFY (off: poll only, for a PgBouncer in transaction mode, where a
-    # LISTEN does not hear anything).
+    # LISTEN for the API's NOTIFY (off: poll only; for a connection on which LISTEN hears nothing,
+    # such as one through a pooler in transaction mode, which needs more than this: docs/scaling.md).
     listen: bool = True
     # Rows per transaction of the worker. Each claim steps over the dead entries that billed rows
     # left in billing_queue_due since the last VACUUM, so a drain in fewer, larger batches walks

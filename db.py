@@ -62,7 +62,9 @@ class LeaderPool(psycopg_pool.ConnectionPool):
       demoted in a failover, back as a standby that still answers) is closed, and the pool
       connects again: with a multi-host DATABASE_URL and target_session_attrs=read-write, libpq
       finds the new leader. A server cannot leave the leader's role without a restart, which
-      ends its sessions, so the check holds for the connection's life.
+      ends its sessions, so the check holds for the connection's life. (Not behind a pooler
+      such as PgBouncer, whose server connection may change under ours: there a demoted
+      server's writes fail with ReadOnlySqlTransaction, a 503, until the pooler moves on.)
     - Before a connection is handed out, its socket is looked at without a round trip: a server
       that ended the session (a restart, a failover, pg_terminate_backend, an idle timeout) has
       sent its FATAL message and closed, and the socket is readable. Only then is the round
