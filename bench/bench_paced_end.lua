@@ -64,9 +64,4 @@ function response(status, response_headers, response_body)
     end
 end
 
-dofile(bench.dir .. "capacity_report.lua")
-local report = done
-function done(summary, latency, requests)
-    report(summary, latency, requests)
-    bench.write_records()
-end
+bench.report_with_records()

@@ -15,7 +15,7 @@ script be killed outright (SIGKILL), the kernel still sends each of those proces
    with deploy/haproxy/haproxy.cfg (its addresses from the environment; api2 put into
    maintenance through the runtime API for the one-process configuration). wrk (2 threads) drives
    POST /appointments (bench/capacity_start.lua) and POST /appointments/{id}/end
-   (bench/capacity_end.lua: appointments made open in SQL beforehand, each ended once) at each
+   (bench/bench_end.lua: appointments made open in SQL beforehand, each ended once) at each
    connection count against: one process directly, one behind HAProxy, two behind HAProxy. Each
    cell: a 1 s warm-up, then --seconds measured. No billing worker runs meanwhile.
 2. PostgreSQL alone: pgbench (16 clients, -M prepared, as clinic_api) runs the API's own
@@ -79,11 +79,11 @@ from support import MAKE_BACKLOG, SERVICE_VARS  # noqa: E402
 
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 START_LUA = ROOT / "bench" / "capacity_start.lua"
-END_LUA = ROOT / "bench" / "capacity_end.lua"
+END_LUA = ROOT / "bench" / "bench_end.lua"
 WRK_THREADS = 2
 WARMUP_SECONDS = 1
 # Open appointments made for each measured end cell: more than any configuration ends per second
-# here (capacity_end.lua reports repeats should one run out).
+# here (bench_end.lua reports repeats should one run out).
 ENDS_PER_SECOND_CEILING = 4000
 PGBENCH_CLIENTS = 16
 PGBENCH_STATEMENTS = ("start", "end", "end without NOTIFY")
