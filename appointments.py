@@ -389,7 +389,7 @@ class AppointmentEnd:
 def create_app(config: Config, pool: psycopg_pool.ConnectionPool, metrics: ApiMetrics | None = None) -> falcon.App:
     metrics = metrics or ApiMetrics(pool)
     store = AppointmentStore(pool)
-    app = base_app(pool, metrics, auth.guards(config.api_token_hashes))
+    app = base_app(pool, metrics, auth.guards(config.api_token_hashes), config.request_timeout)
     app.add_route("/appointments", Appointments(store, config, metrics))
     app.add_route("/appointments/{appointment_id}", Appointment(store, config))
     app.add_route("/appointments/{appointment_id}/end", AppointmentEnd(store, config, metrics))

@@ -30,6 +30,7 @@ import psycopg_pool
 from psycopg.rows import dict_row
 
 import auth
+import db
 import feed
 import paging
 from config import Config, load_config_or_exit
@@ -45,6 +46,10 @@ CHANNEL = "billing_queue"
 # statement, never idle in a transaction; this bounds the row-by-row path, which holds one open
 # between its savepoints.
 WORKER_SESSION = {"idle_in_transaction_session_timeout": "5s", "statement_timeout": "60s"}
+# A batch's statements end within this long on our side of the socket, also on a server that does
+# not answer (db.within): a batch of 5,000 takes 0.1-0.2 s. A batch cut short may have committed
+# or not; either way each of its charges is billed once (the module's docstring).
+BATCH_DEADLINE_SECONDS = 10
 MAX_BACKOFF_SECONDS = 3600
 # A failed pass (no database, no leader) is tried again after 0.25 s, then 0.5, 1, 2 s at most.
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.25, 2.0
@@ -224,6 +229,15 @@ class Biller:
     def batch(self, conn: psycopg.Connection, reason: str = "poll") -> tuple[int, Tally]:
         """One transaction: (rows claimed, what became of them); ``reason`` is why its pass started."""
         started = time.perf_counter()
+        with db.within(BATCH_DEADLINE_SECONDS):
+            claimed, tally = self._batch(conn)
+        seconds = time.perf_counter() - started
+        self._count(tally, seconds)
+        log.log(logging.INFO if claimed else logging.DEBUG, "batch", rows=claimed, wake_reason=reason,
+                duration_ms=round(seconds * 1000, 3), **dataclasses.asdict(tally))
+        return claimed, tally
+
+    def _batch(self, conn: psycopg.Connection) -> tuple[int, Tally]:
         try:
             # One statement on an autocommit connection is one transaction, without the round
             # trips of a BEGIN and a COMMIT.
@@ -237,10 +251,6 @@ class Biller:
                 raise  # connection or server trouble: nothing was billed, the rows stay pending
             log.warning("batch_failed_billing_row_by_row", error=exc.__class__.__name__)
             claimed, tally = self._row_by_row(conn)
-        seconds = time.perf_counter() - started
-        self._count(tally, seconds)
-        log.log(logging.INFO if claimed else logging.DEBUG, "batch", rows=claimed, wake_reason=reason,
-                duration_ms=round(seconds * 1000, 3), **dataclasses.asdict(tally))
         return claimed, tally
 
     def _count(self, tally: Tally, seconds: float) -> None:
@@ -314,15 +324,20 @@ class Biller:
 
 
 class Listener:
-    """Waits for NOTIFY on CHANNEL; without a working connection it only sleeps (the poll)."""
+    """Waits for NOTIFY on CHANNEL; without a working connection it only sleeps (the poll).
+
+    Its connection is the pool's (db.LeaderPool.connect_unpooled): cut when the pool's monitor
+    finds the server not answering, so that it LISTENs again, on the new leader after a failover.
+    """
 
     # As often as the pool retries (db.LeaderPool.RETRY_SPACING): after a failover, LISTEN on
     # the new leader within a fraction of a second of it taking writes.
     RECONNECT_EVERY = 0.25
+    CONNECT_DEADLINE_SECONDS = 5
 
-    def __init__(self, conninfo: str | None, stop: threading.Event):
-        """``conninfo`` None: never LISTEN, every wait lasts its full time (BILLING_LISTEN=off)."""
-        self._conninfo = conninfo
+    def __init__(self, pool: db.LeaderPool | None, stop: threading.Event):
+        """``pool`` None: never LISTEN, every wait lasts its full time (BILLING_LISTEN=off)."""
+        self._pool = pool
         self._stop = stop
         self._conn: psycopg.Connection | None = None
         self._next_connect = 0.0
@@ -335,7 +350,7 @@ class Listener:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return "poll"
-            if self._conn is None and self._conninfo is not None and time.monotonic() >= self._next_connect:
+            if self._conn is None and self._pool is not None and time.monotonic() >= self._next_connect:
                 if self._connect():
                     return "listen"
             if self._conn is None:
@@ -355,10 +370,9 @@ class Listener:
     def _connect(self) -> bool:
         self._next_connect = time.monotonic() + self.RECONNECT_EVERY
         try:
-            self._conn = psycopg.connect(
-                self._conninfo, autocommit=True, connect_timeout=2, application_name="billing-worker-listen"
-            )
-            self._conn.execute(f"LISTEN {CHANNEL}")
+            with db.within(self.CONNECT_DEADLINE_SECONDS):
+                self._conn = self._pool.connect_unpooled("billing-worker-listen")
+                self._conn.execute(f"LISTEN {CHANNEL}")
             return True
         except psycopg.Error as exc:
             log.debug("cannot_listen_yet", error=str(exc).strip())
@@ -471,8 +485,8 @@ def create_app(
 ) -> falcon.App:
     """``bell`` starts its LISTEN connection only when a request first waits on the change feed;
     whoever made it closes it (one made here, when none is given, lives as long as the process)."""
-    app = base_app(pool, metrics or WorkerMetrics(pool, config.poll_seconds), auth.guards(config.api_token_hashes))
-    ledger_feed = feed.Feed(pool, bell or feed.LedgerBell(config.database_url), config.feed_max_waiters)
+    app = base_app(pool, metrics or WorkerMetrics(pool, config.poll_seconds), auth.guards(config.api_token_hashes), config.request_timeout)
+    ledger_feed = feed.Feed(pool, bell or feed.LedgerBell(pool), config.feed_max_waiters)
     app.add_route("/billing-entries", BillingEntries(pool, config))
     app.add_route("/billing-entries/changes", BillingEntryChanges(ledger_feed, config))
     app.add_route("/billing-entries/{appointment_id}", BillingEntry(pool, config))
@@ -490,24 +504,25 @@ def main(argv: list[str] | None = None) -> int:
     on_stop_signals(lambda: threading.Thread(target=stop.set).start())
     config = load_config_or_exit()
     setup_logging("billing-worker", config.log_level, config.log_format)
+    one_shot = args.command != "work" or args.once
     if args.command == "reconcile":
         # Whole-table reads on a connection of its own, without the statement_timeout that the
         # worker's role and sessions carry: a large ledger is read to the end.
-        pool = make_pool(config, "billing-reconcile", max_size=1, statement_timeout="0", idle_in_transaction_session_timeout="0")
+        pool = make_pool(config, "billing-reconcile", max_size=1, monitor=False, statement_timeout="0", idle_in_transaction_session_timeout="0")
     else:
-        pool = make_pool(config, "billing-worker", max_size=4, **WORKER_SESSION)
+        pool = make_pool(config, "billing-worker", max_size=4, monitor=not one_shot, **WORKER_SESSION)
     metrics = WorkerMetrics(pool, config.poll_seconds)
     biller = Biller(pool, config.batch_size, config.max_attempts, metrics)
 
-    if args.command != "work" or args.once:
+    if one_shot:
         return run_command(args.command, biller, pool, stop)
 
     pool.open(wait=False)
-    bell = feed.LedgerBell(config.database_url)
+    bell = feed.LedgerBell(pool)
     # Requests waiting on the feed each hold a thread: HTTP_THREADS more serve everything else.
     server = make_server(create_app(config, pool, metrics, bell), config.billing_port, threads=HTTP_THREADS + config.feed_max_waiters)
     serve_in_thread(server)
-    listener = Listener(config.database_url if config.listen else None, stop)
+    listener = Listener(pool if config.listen else None, stop)
     log.info("billing_worker_up", port=config.billing_port, poll_seconds=config.poll_seconds, listen=config.listen)
     auth.warn_if_open(log, config.api_token_hashes)
     try:

@@ -46,6 +46,17 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     return value
 
 
+def _seconds(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name, "").strip() or str(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:  # NaN fails too
+        raise ConfigError(f"{name} must be a number of seconds from {low:g} to {high:g}, got {raw!r}")
+    return value
+
+
 def _token_hashes(items, source: str) -> list[str]:
     """Each item a token, or sha256:<64 hex> of one; returns the SHA-256 hex digests."""
     hashes = []
@@ -114,6 +125,11 @@ class Config:
     max_attempts: int = 10
     # Requests that may wait on the change feed at once (each holds a waitress thread meanwhile).
     feed_max_waiters: int = 8
+    # A request's database work ends this long after its arrival (waiting for a thread or a pooled
+    # connection counts), else it is a 503 with Retry-After; web.Deadlines. Above clinic_api's 5 s
+    # statement_timeout, so that a slow statement is ended by the server first, and below the
+    # edge's 10 s `timeout server` (deploy/haproxy/haproxy.cfg), so that the API answers first.
+    request_timeout: float = 8.0
     log_level: str = "INFO"
     log_format: str = "json"
     # SHA-256 hex digests of the accepted bearer tokens; empty: the service is open.
@@ -138,24 +154,18 @@ class Config:
             tz = ZoneInfo(tz_raw)
         except (ZoneInfoNotFoundError, ValueError):
             raise ConfigError(f"APP_TIMEZONE must be an IANA time zone such as America/Sao_Paulo, got {tz_raw!r}") from None
-        poll_raw = env.get("BILLING_POLL_SECONDS", "").strip() or str(cls.poll_seconds)
-        try:
-            poll = float(poll_raw)
-        except ValueError:
-            poll = -1.0
-        if not 0.05 <= poll <= 3600:
-            raise ConfigError(f"BILLING_POLL_SECONDS must be a number of seconds from 0.05 to 3600, got {poll_raw!r}")
         return cls(
             database_url=env.get("DATABASE_URL", "").strip() or cls.database_url,
             appointments_port=_int(env, "APPOINTMENTS_PORT", cls.appointments_port, 1, 65535),
             billing_port=_int(env, "BILLING_PORT", cls.billing_port, 1, 65535),
             hourly_rate=rate.quantize(CENTS),
             timezone=tz,
-            poll_seconds=poll,
+            poll_seconds=_seconds(env, "BILLING_POLL_SECONDS", cls.poll_seconds, 0.05, 3600),
             listen=_choice(env, "BILLING_LISTEN", "on", ("on", "off")) == "on",
             batch_size=_int(env, "BILLING_BATCH_SIZE", cls.batch_size, 1, 10000),
             max_attempts=_int(env, "BILLING_MAX_ATTEMPTS", cls.max_attempts, 1, 1000),
             feed_max_waiters=_int(env, "BILLING_FEED_MAX_WAITERS", cls.feed_max_waiters, 0, 256),
+            request_timeout=_seconds(env, "REQUEST_TIMEOUT_SECONDS", cls.request_timeout, 0.1, 600),
             log_level=_choice(env, "LOG_LEVEL", cls.log_level, LOG_LEVELS, fold=str.upper),
             log_format=_choice(env, "LOG_FORMAT", cls.log_format, LOG_FORMATS),
             api_token_hashes=_api_tokens(env),

@@ -1,5 +1,7 @@
-"""The database: the connection pool both services use (it follows a replicated PostgreSQL's
-leader), and applying schema.sql and roles.sql.
+"""The database as both services reach it: deadlines on every wait for the server, the connection
+pool (it follows a replicated PostgreSQL's leader, and stops sending work to a server that stopped
+answering), the monitor that probes the server in the background, and applying schema.sql and
+roles.sql.
 
     python db.py apply-schema     # what `make schema` and the compose `migrate` service run
 
@@ -10,13 +12,18 @@ CLINIC_WORKER_PASSWORD, each when it is set (roles.sql holds no password).
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
+import os
 import pathlib
 import random
 import select
+import socket
 import sys
 import threading
 import time
-from typing import Iterator
+import weakref
+from typing import Callable, Iterator
 
 import psycopg
 import psycopg.errors
@@ -25,15 +32,12 @@ import psycopg_pool.pool
 from psycopg import sql
 
 from config import Config, load_config_or_exit
+from telemetry import get_logger
+
+log = get_logger("clinic.db")
 
 HERE = pathlib.Path(__file__).resolve().parent
 
-# Served by /ready: the tables both services use exist.
-SCHEMA_PRESENT = """
-SELECT to_regclass('appointments') IS NOT NULL
-   AND to_regclass('billing_queue') IS NOT NULL
-   AND to_regclass('billing_entries') IS NOT NULL AS ok
-"""
 
 
 # Run on each new connection, and before handing out one whose server has sent something since it
@@ -55,24 +59,194 @@ def _is_unreplicated_commit(diagnostic: psycopg.errors.Diagnostic) -> bool:
     return diagnostic.severity_nonlocalized == "WARNING" and "synchronous replication" in (diagnostic.message_primary or "")
 
 
+# ---------------------------------------------------------------------------------------------
+# Deadlines, enforced on our side of the socket.
+#
+# A server that stops answering without closing its connections (a hung disk, a paused VM, a
+# frozen process, a network partition) cannot enforce its own statement_timeout, and TCP waits
+# about 15 minutes before it gives up on a silent peer. So every wait for the server in a context
+# with a deadline ends by that deadline: DeadlineConnection.wait bounds psycopg's own wait, and
+# LeaderPool.connection bounds the wait for a pooled connection. The connection whose wait ran
+# out is closed: what the server did with its last statement is unknown, and its session must
+# never be reused. web.Deadlines gives each request the deadline REQUEST_TIMEOUT_SECONDS after
+# its arrival; the worker gives each batch BATCH_DEADLINE_SECONDS (billing_worker.py).
+
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("clinic_deadline", default=None)
+
+
+class DeadlineExceeded(psycopg.OperationalError):
+    """The work's deadline passed while it waited for the server (or for a pooled connection).
+    The connection it waited on is closed; a change it carried may or may not have committed, so
+    the answer is "retry the same request": every change the API makes is idempotent."""
+
+
+class DatabaseUnavailable(psycopg.OperationalError):
+    """The monitor's last probe of the server failed: the request fails at once instead of
+    waiting on it (see LeaderPool)."""
+
+
+def current_deadline() -> float | None:
+    """The deadline of the work in progress, in time.monotonic() seconds; None when it has none."""
+    return _DEADLINE.get()
+
+
+def set_deadline(at: float | None) -> contextvars.Token:
+    """Replaces the deadline of this context (None: none); hand the token to reset_deadline."""
+    return _DEADLINE.set(at)
+
+
+def reset_deadline(token: contextvars.Token) -> None:
+    _DEADLINE.reset(token)
+
+
+@contextlib.contextmanager
+def within(seconds: float) -> Iterator[None]:
+    """Every wait for the server inside ends within ``seconds``, or by the deadline already set
+    if that comes first."""
+    at = time.monotonic() + seconds
+    outer = _DEADLINE.get()
+    token = _DEADLINE.set(at if outer is None else min(at, outer))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+@contextlib.contextmanager
+def extend_deadline(seconds: float) -> Iterator[None]:
+    """The deadline already set, ``seconds`` later (a long poll's wait is not the server's time)."""
+    at = _DEADLINE.get()
+    token = _DEADLINE.set(None if at is None else at + seconds)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+# A host that let a connection attempt or a statement run out of time is tried after the others
+# for this long (HostOrder).
+SLOW_HOST_SECONDS = 60.0
+
+
+class HostOrder:
+    """The order in which to try the hosts of a multi-host DATABASE_URL: as written, but any host
+    that recently let an attempt or a statement run out of time comes last.
+
+    libpq and psycopg try the hosts in the order written, and a host that accepts TCP but never
+    answers (a frozen leader: the kernel still completes the handshake) costs connect_timeout (2 s
+    at least) before the next host is tried, on every new connection. After a failover away from
+    such a host, that would delay every reconnection to the new leader by those 2 s. A success
+    on a host clears its mark. Shared by every connection of the process.
+    """
+
+    def __init__(self):
+        self._slow_until: dict[tuple[str, str], float] = {}
+
+    def order(self, attempts: list[dict[str, str]]) -> list[dict[str, str]]:
+        now = time.monotonic()
+        return sorted(attempts, key=lambda a: self._slow_until.get(self._key(a), 0.0) > now)
+
+    def slow(self, host: str, port: str) -> None:
+        self._slow_until[(host, port)] = time.monotonic() + SLOW_HOST_SECONDS
+
+    def answered(self, host: str, port: str) -> None:
+        self._slow_until.pop((host, port), None)
+
+    @staticmethod
+    def _key(attempt: dict[str, str]) -> tuple[str, str]:
+        return attempt.get("host", ""), attempt.get("port", "")
+
+
+HOSTS = HostOrder()
+
+
+def host_attempts(conninfo: str) -> list[dict[str, str]]:
+    """One {host, port[, hostaddr]} per host of a libpq connection string (comma-separated lists,
+    a single port applying to every host), or [] for a single host."""
+    params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    hosts = str(params.get("host") or "").split(",")
+    addrs = str(params.get("hostaddr") or "").split(",")
+    count = max(len(hosts), len(addrs))
+    if count < 2:
+        return []
+    ports = str(params.get("port") or "").split(",")
+    ports = ports * count if len(ports) == 1 else ports
+    attempts = []
+    for i in range(count):
+        attempt = {"host": hosts[i] if len(hosts) == count else "", "port": ports[i]}
+        if len(addrs) == count and addrs[i]:
+            attempt["hostaddr"] = addrs[i]
+        attempts.append({k: v for k, v in attempt.items() if v})
+    return attempts
+
+
+class DeadlineConnection(psycopg.Connection):
+    """A psycopg connection whose every wait for the server ends by the context's deadline
+    (``within``, ``set_deadline``), and whose multi-host connection attempts follow HostOrder."""
+
+    def wait(self, gen, interval=psycopg.connection._WAIT_INTERVAL, timeout=None):
+        at = _DEADLINE.get()
+        if at is None:
+            return super().wait(gen, interval=interval, timeout=timeout)
+        left = at - time.monotonic()
+        if timeout is not None and timeout < left:
+            return super().wait(gen, interval=interval, timeout=timeout)  # the caller's own bound (notifies)
+        began = time.monotonic()
+        try:
+            if left <= 0:
+                raise psycopg.errors.ConnectionTimeout("no time left")
+            return super().wait(gen, interval=interval, timeout=left)
+        except psycopg.OperationalError:
+            # psycopg raises its (private) _WaitTimeout, an OperationalError, when the bound runs
+            # out; anything else that fails at the deadline is, for the caller, the same thing.
+            if time.monotonic() < at:
+                raise
+            waited = time.monotonic() - began
+            if waited > 0:  # it did wait on this server: try the other hosts first for a while
+                HOSTS.slow(self.info.host, str(self.info.port))
+            self.close()  # never reused: the pool discards a closed connection
+            raise DeadlineExceeded(f"the database did not answer within the deadline (waited {waited:.2f} s)") from None
+
+    @classmethod
+    def connect(cls, conninfo: str = "", **kwargs):
+        attempts = host_attempts(conninfo)
+        if not attempts:
+            return super().connect(conninfo, **kwargs)
+        params = {k: v for k, v in psycopg.conninfo.conninfo_to_dict(conninfo).items() if k not in ("host", "port", "hostaddr")}
+        failures = []
+        for attempt in HOSTS.order(attempts):
+            try:
+                conn = super().connect(psycopg.conninfo.make_conninfo("", **params, **attempt), **kwargs)
+            except psycopg.OperationalError as exc:
+                if isinstance(exc, psycopg.errors.ConnectionTimeout):
+                    HOSTS.slow(attempt.get("host", ""), attempt.get("port", ""))
+                failures.append(f"{attempt.get('host') or attempt.get('hostaddr')}:{attempt.get('port', '')}: {str(exc).strip()}")
+                continue
+            HOSTS.answered(attempt.get("host", ""), attempt.get("port", ""))
+            return conn
+        raise psycopg.OperationalError("no host could be used: " + "; ".join(failures))
+
+
 class LeaderPool(psycopg_pool.ConnectionPool):
-    """A connection pool that follows the leader of a replicated PostgreSQL, and finds it quickly.
+    """A connection pool that follows the leader of a replicated PostgreSQL, finds it quickly, and
+    stops sending work to a server that does not answer.
 
     - Each new connection is checked to be on the leader: one to a server in recovery (a leader
       demoted in a failover, back as a standby that still answers) is closed, and the pool
       connects again: with a multi-host DATABASE_URL and target_session_attrs=read-write, libpq
-      finds the new leader. A server cannot leave the leader's role without a restart, which
-      ends its sessions, so the check holds for the connection's life. (Not behind a pooler
-      such as PgBouncer, whose server connection may change under ours: there a demoted
-      server's writes fail with ReadOnlySqlTransaction, a 503, until the pooler moves on.)
+      finds the new leader (trying first the hosts that did not just time out: HostOrder). A
+      server cannot leave the leader's role without a restart, which ends its sessions, so the
+      check holds for the connection's life. (Not behind a pooler such as PgBouncer, whose
+      server connection may change under ours: there a demoted server's writes fail with
+      ReadOnlySqlTransaction, a 503, until the pooler moves on.)
     - Before a connection is handed out, its socket is looked at without a round trip: a server
       that ended the session (a restart, a failover, pg_terminate_backend, an idle timeout) has
       sent its FATAL message and closed, and the socket is readable. Only then is the round
       trip spent (ON_THE_LEADER), which drops a dead connection and reads anything else a server
       may send between queries (a NOTICE, a changed parameter). So a PostgreSQL restart costs the
       requests in flight at that moment and nothing after, and a busy service pays no query per
-      request for it (it did until issue 11: a quarter of an API start's time). A connection
-      back in the pool for less than FRESH seconds is not even looked at (check_idle_connection).
+      request for it. A connection back in the pool for less than FRESH seconds is not even
+      looked at (check_idle_connection).
     - Reconnecting: psycopg_pool doubles its wait after each failed attempt (1, 2, 4, 8 s ...),
       so after a failover of ten seconds the first connection to the new leader came up to 5 s
       after it took writes. Here every retry waits a jittered RETRY_SPACING instead, and all the
@@ -80,6 +254,18 @@ class LeaderPool(psycopg_pool.ConnectionPool):
       a second however many connections it lost: quick to find a new leader, no flood on a
       server that is down. (The pool's hook for this is schedule_task, which runs its
       maintenance tasks.)
+    - Deadlines: a checkout waits for a connection no longer than the context's deadline
+      allows, and every connection is a DeadlineConnection.
+    - Failing fast: a DatabaseMonitor (started with the pool, ``monitor=True``) probes the server
+      on a connection of its own. While its last probe failed, ``connection()`` raises
+      DatabaseUnavailable at once: a request gets its 503 in microseconds instead of holding a
+      thread for its whole deadline on a server that is not answering, and /health, the other
+      requests and the server itself are spared. When a probe times out (the server accepts
+      connections or holds them open, but does not answer), the idle connections are dropped
+      (drain: they all lead to that server) and the LISTEN connections registered with
+      ``watch`` are cut, so that everything reconnects, to the new leader after a failover.
+      A request that ran out of time, or found its connection broken, asks the monitor to probe
+      at once instead of at its next turn.
     - A commit that PostgreSQL reports as not confirmed by the synchronous standby raises
       UnreplicatedCommit when the connection goes back (``connection()``), instead of passing
       for acknowledged.
@@ -87,15 +273,33 @@ class LeaderPool(psycopg_pool.ConnectionPool):
 
     RETRY_SPACING = 0.25
     FRESH = 0.01
+    # Waiting for a new connection's leader check: the pool's workers have no other deadline.
+    CONFIGURE_SECONDS = 5.0
 
-    def __init__(self, conninfo: str, **kwargs):
+    def __init__(self, conninfo: str, *, monitor: bool = True, **kwargs):
         self._retry_lock = threading.Lock()
         self._next_retry = 0.0
-        super().__init__(conninfo, check=self.check_idle_connection, configure=self._configure, **kwargs)
+        self._watched: weakref.WeakSet[psycopg.Connection] = weakref.WeakSet()
+        self._watched_lock = threading.Lock()
+        self.monitor = DatabaseMonitor(self) if monitor else None
+        super().__init__(
+            conninfo, connection_class=DeadlineConnection, check=self.check_idle_connection, configure=self._configure, **kwargs
+        )
+
+    def open(self, wait: bool = False, timeout: float = 30.0) -> None:
+        super().open(wait=wait, timeout=timeout)
+        if self.monitor is not None:
+            self.monitor.start(probe_first=wait)
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+        super().close(timeout=timeout)
 
     @classmethod
     def _configure(cls, conn: psycopg.Connection) -> None:
-        cls.check_leader(conn)
+        with within(cls.CONFIGURE_SECONDS):
+            cls.check_leader(conn)
         cls._watch_commits(conn)
 
     @staticmethod
@@ -110,14 +314,50 @@ class LeaderPool(psycopg_pool.ConnectionPool):
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection]:
-        with super().connection(timeout=timeout) as conn:
-            seen = conn.unreplicated_commits
-            try:
-                yield conn
-            finally:
-                conn.returned_at = time.monotonic()  # before the pool takes it back
-            if conn.unreplicated_commits != seen:
-                raise UnreplicatedCommit("the commit was not confirmed by the synchronous standby; retry: a retry finds it if it was kept")
+        unavailable = self.monitor.unavailable if self.monitor is not None else None
+        if unavailable:
+            raise DatabaseUnavailable(unavailable)
+        at = _DEADLINE.get()
+        bound = self.timeout if timeout is None else timeout
+        if at is not None:
+            left = at - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded("the deadline passed before a database connection was asked for")
+            bound = min(bound, left)
+        try:
+            with super().connection(timeout=bound) as conn:
+                seen = conn.unreplicated_commits
+                try:
+                    yield conn
+                except psycopg.OperationalError:
+                    if self.monitor is not None and conn.closed:
+                        self.monitor.poke()  # timed out, or the server closed it: look now
+                    raise
+                finally:
+                    conn.returned_at = time.monotonic()  # before the pool takes it back
+                if conn.unreplicated_commits != seen:
+                    raise UnreplicatedCommit("the commit was not confirmed by the synchronous standby; retry: a retry finds it if it was kept")
+        except psycopg_pool.PoolTimeout:
+            if at is not None and time.monotonic() >= at:
+                raise DeadlineExceeded(f"no database connection came free within the deadline ({bound:.2f} s)") from None
+            raise
+
+    def connect_unpooled(self, application_name: str) -> psycopg.Connection:
+        """A connection of its own (the pool's settings, autocommit), for a LISTEN or a probe;
+        the caller closes it. Watched: cut when the server stops answering (see the class)."""
+        kwargs = {**self.kwargs, "application_name": application_name, "connect_timeout": CONNECT_TIMEOUT_SECONDS}
+        conn = DeadlineConnection.connect(self.conninfo, **kwargs)
+        with self._watched_lock:
+            self._watched.add(conn)
+        return conn
+
+    def server_unresponsive(self) -> None:
+        """The monitor's probe timed out: drop the idle connections, cut the watched ones."""
+        self.drain()
+        with self._watched_lock:
+            watched = list(self._watched)
+        for conn in watched:
+            cut(conn)
 
     @staticmethod
     def check_leader(conn: psycopg.Connection) -> None:
@@ -130,10 +370,10 @@ class LeaderPool(psycopg_pool.ConnectionPool):
         """The pool's check before handing out a connection: the round trip only when the
         server has written to this idle connection (see the class's docstring). A connection
         back for less than FRESH seconds is handed out as it is: the look at its socket is a
-        system call that gives up the GIL, a tenth of a start's CPU under load (issue 11), and
-        under load a connection comes back every few milliseconds. What that lets through is
-        what the look would have missed anyway a moment later: a session that ended within
-        FRESH seconds, like one that ends during the request (a 503 the client retries)."""
+        system call that gives up the GIL, a tenth of a start's CPU under load, and under load
+        a connection comes back every few milliseconds. What that lets through is what the look
+        would have missed anyway a moment later: a session that ended within FRESH seconds,
+        like one that ends during the request (a 503 the client retries)."""
         if conn.closed:
             raise psycopg.OperationalError("the connection is closed")
         if time.monotonic() - getattr(conn, "returned_at", float("-inf")) < cls.FRESH:
@@ -151,6 +391,156 @@ class LeaderPool(psycopg_pool.ConnectionPool):
         super().schedule_task(task, delay)
 
 
+def cut(conn: psycopg.Connection) -> None:
+    """Ends a connection's TCP stream from any thread (shutdown, not close: the descriptor stays
+    its owner's until it closes it). A thread waiting on it wakes with an error and reconnects."""
+    with contextlib.suppress(OSError, psycopg.Error):
+        fd = conn.pgconn.socket
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+# Probed by DatabaseMonitor: on the leader (a standby cannot take the services' writes), and the
+# tables both services use exist (/ready answers 503 without them).
+PROBE = """
+SELECT NOT pg_is_in_recovery() AS leader,
+       to_regclass('appointments') IS NOT NULL
+   AND to_regclass('billing_queue') IS NOT NULL
+   AND to_regclass('billing_entries') IS NOT NULL AS schema
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    """The monitor's last word: ``up`` None before its first probe."""
+
+    up: bool | None = None
+    schema: bool = False
+    detail: str = "not probed yet"
+    at: float = float("-inf")  # time.monotonic() of the probe
+
+
+class DatabaseMonitor:
+    """Probes the database in a thread of its own, on a connection of its own, every INTERVAL
+    seconds (RETRY while it fails): the pool fails fast on its verdict, /ready and the metrics
+    read it without touching the database.
+
+    A probe is PROBE, then every registered reading (telemetry's queue gauges), within TIMEOUT.
+    One that runs out of time means a server that holds its connections but does not answer:
+    the pool drops its idle connections and cuts its LISTEN connections (server_unresponsive).
+    ``poke()`` asks for a probe now (a request that timed out or lost its connection); ``check``
+    waits a moment for a fresh one.
+    """
+
+    INTERVAL = 0.5
+    RETRY = 0.25
+    TIMEOUT = 1.0
+
+    def __init__(self, pool: LeaderPool):
+        self._pool = pool
+        self._readings: list[Callable[[psycopg.Connection], None]] = []
+        self._health = Health()
+        self._conn: psycopg.Connection | None = None
+        self._lock = threading.Lock()  # one probe at a time
+        self._wake = threading.Event()
+        self._probed = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def health(self) -> Health:
+        return self._health
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why requests should not wait on the database now; None when they may try."""
+        health = self._health
+        return None if health.up is not False else health.detail
+
+    def add_reading(self, reading: Callable[[psycopg.Connection], None]) -> None:
+        """Runs reading(conn) after each successful probe, within the same TIMEOUT."""
+        self._readings.append(reading)
+
+    def start(self, probe_first: bool = False) -> None:
+        if probe_first:
+            self.probe()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"{self._pool.name}-monitor", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.TIMEOUT + 3)
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def check(self, wait: float) -> Health:
+        """A probe newer than now, if one comes within ``wait`` seconds; else the last one."""
+        asked = time.monotonic()
+        self.poke()
+        if self._health.up is False and self._thread is not None:
+            return self._health  # it was not answering a moment ago: no wait (the probe retries)
+        with self._probed:
+            self._probed.wait_for(lambda: self._health.at >= asked or self._thread is None, wait)
+        if self._thread is None:  # not started (a test's app without the thread): probe here
+            return self.probe()
+        return self._health
+
+    def _run(self) -> None:
+        while not self._closing:
+            health = self.probe()
+            self._wake.wait(self.INTERVAL if health.up else self.RETRY)
+            self._wake.clear()
+
+    def probe(self) -> Health:
+        with self._lock:
+            if self._closing and self._thread is not None:
+                return self._health
+            began = time.monotonic()
+            try:
+                with within(self.TIMEOUT):
+                    if self._conn is None or self._conn.closed:
+                        self._conn = self._pool.connect_unpooled(f"{self._pool.name}-monitor")
+                    leader, schema = self._conn.execute(PROBE).fetchone()
+                    if not leader:
+                        raise psycopg.OperationalError("the server is in recovery (a standby): not the leader")
+                    if schema:
+                        for reading in self._readings:
+                            reading(self._conn)
+                health = Health(True, bool(schema), "ok" if schema else "the tables are missing; apply schema.sql", began)
+            except (DeadlineExceeded, psycopg.errors.ConnectionTimeout) as exc:
+                health = self._failed(began, f"the database does not answer ({str(exc).strip()})")
+                if self._health.up is not False:
+                    self._pool.server_unresponsive()  # once, as it stops answering
+            except psycopg.Error as exc:
+                health = self._failed(began, f"the database is unavailable ({exc.__class__.__name__}: {str(exc).strip()})")
+            self._publish(health)
+            return health
+
+    def _failed(self, began: float, detail: str) -> Health:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        return Health(False, False, detail, began)
+
+    def _publish(self, health: Health) -> None:
+        before = self._health
+        with self._probed:
+            self._health = health
+            self._probed.notify_all()
+        if health.up is False and before.up is not False:
+            log.warning("database_unavailable_failing_fast", detail=health.detail)
+        elif health.up and before.up is False:
+            log.info("database_available_again", after_s=round(health.at - before.at, 3))
+
+
 def server_has_spoken(conn: psycopg.Connection) -> bool:
     """Whether anything (or the end of the stream) waits to be read on an idle connection's
     socket; no round trip. poll(), not select(): a service's descriptors may pass 1,024."""
@@ -159,16 +549,34 @@ def server_has_spoken(conn: psycopg.Connection) -> bool:
     return bool(poller.poll(0))
 
 
-def make_pool(config: Config, name: str, max_size: int = 10, **session: str) -> LeaderPool:
-    """A pool that is not opened yet (no I/O here); the caller opens it. ``session`` holds server
-    settings for every connection (e.g. idle_in_transaction_session_timeout)."""
+# A connection attempt to a host that accepts TCP but does not answer gives up after this long
+# (psycopg, like libpq, takes no less than 2 s), and then tries the next host.
+CONNECT_TIMEOUT_SECONDS = 2
+
+# libpq's TCP settings for every connection, so that a server cut off by the network (its packets
+# dropped, nothing closing the connection) is noticed without waiting for TCP's own 15 minutes:
+# an idle connection (a LISTEN) sends a keepalive probe after 5 s of silence, then every 2 s, and
+# is dropped after 3 unanswered (11 s); data sent and not acknowledged for 11 s drops it too
+# (tcp_user_timeout, in milliseconds; Linux). Deadlines usually end a wait long before. A frozen
+# server's kernel still acknowledges both, which is what the deadlines and the monitor are for.
+TCP_SETTINGS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3, "tcp_user_timeout": 11000}
+
+
+def make_pool(config: Config, name: str, max_size: int = 10, monitor: bool = True, **session: str) -> LeaderPool:
+    """A pool that is not opened yet (no I/O here); the caller opens it, which starts its monitor
+    (``monitor=False`` for a one-shot command). ``session`` holds server settings for every
+    connection (e.g. idle_in_transaction_session_timeout)."""
     options = " ".join(f"-c {key}={value}" for key, value in session.items())
     return LeaderPool(
         config.database_url,
+        monitor=monitor,
         # min < max so that a pool that gave up reconnecting after a long outage grows again.
         min_size=1,
         max_size=max_size,
-        kwargs={"autocommit": True, "application_name": name, "options": options, "connect_timeout": 5},
+        kwargs={
+            "autocommit": True, "application_name": name, "options": options,
+            "connect_timeout": CONNECT_TIMEOUT_SECONDS, **TCP_SETTINGS,
+        },
         timeout=5,
         open=False,
         name=name,

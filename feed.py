@@ -9,7 +9,8 @@ Waiting (``wait`` > 0 and nothing new): a request holds neither a pool connectio
 session while it waits. One LISTEN connection per process (``LedgerBell``, started by the first
 waiting request) hears the NOTIFY that billing_entries' trigger sends at each commit and wakes the
 waiting requests, which read again. At most ``max_waiters`` requests wait at once, so that the
-waitress threads left over keep serving everything else; one more is answered 503 at once.
+waitress threads left over keep serving everything else; one more is answered 503 at once. The
+request's deadline (web.Deadlines) is moved later by ``wait``: the wait is not the database's time.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import time
 from typing import Any
 
 import psycopg
-import psycopg_pool
 from psycopg.rows import dict_row
 
+import db
 from paging import FeedPosition
 from telemetry import get_logger
 from web import Problem
@@ -76,13 +77,16 @@ class LedgerBell:
 
     ``generation`` goes up at every notification, at every fresh LISTEN (entries may have been
     committed while nobody listened) and, while there is no connection, once a second, so that
-    waiting requests fall back to reading once a second instead of waiting for nothing.
+    waiting requests fall back to reading once a second instead of waiting for nothing. The
+    connection is the pool's (db.LeaderPool.connect_unpooled): cut when the pool's monitor finds
+    the server not answering, so that it LISTENs again, on the new leader after a failover.
     """
 
     RECONNECT_EVERY = 1.0
+    CONNECT_DEADLINE_SECONDS = 5
 
-    def __init__(self, conninfo: str):
-        self._conninfo = conninfo
+    def __init__(self, pool: db.LeaderPool):
+        self._pool = pool
         self._ringing = threading.Condition()
         self._generation = 0
         self._stopping = False
@@ -123,10 +127,11 @@ class LedgerBell:
     def _listen(self) -> None:
         while not self._stopping:
             try:
-                with psycopg.connect(
-                    self._conninfo, autocommit=True, connect_timeout=2, application_name="billing-feed-listen"
-                ) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
+                with db.within(self.CONNECT_DEADLINE_SECONDS):
+                    conn = self._pool.connect_unpooled("billing-feed-listen")
+                with conn:
+                    with db.within(self.CONNECT_DEADLINE_SECONDS):
+                        conn.execute(f"LISTEN {CHANNEL}")
                     self._ring()
                     while not self._stopping:
                         # Short slices, so that close() is honoured within half a second.
@@ -147,7 +152,7 @@ class LedgerBell:
 class Feed:
     """Pages of the change feed, read through the pool; waits on the bell without a connection."""
 
-    def __init__(self, pool: psycopg_pool.ConnectionPool, bell: LedgerBell, max_waiters: int):
+    def __init__(self, pool: db.LeaderPool, bell: LedgerBell, max_waiters: int):
         self._pool = pool
         self._bell = bell
         self._max_waiters = max_waiters
@@ -156,6 +161,10 @@ class Feed:
     def read(self, after: FeedPosition | None, limit: int, wait: float) -> list[dict[str, Any]]:
         """The entries past ``after`` (the start when None), at most ``limit``; when there are none
         and ``wait`` > 0, the first that commit within ``wait`` seconds ([] if none do)."""
+        with db.extend_deadline(wait):
+            return self._read(after, limit, wait)
+
+    def _read(self, after: FeedPosition | None, limit: int, wait: float) -> list[dict[str, Any]]:
         deadline = time.monotonic() + wait
         seen = self._bell.generation  # before reading: a ring after this is never missed
         rows, held = self._page(after, limit, check_cursor=True)

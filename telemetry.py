@@ -5,7 +5,7 @@
   ``event`` and, inside a request, its ``request_id``.
 - ``ApiMetrics`` and ``WorkerMetrics`` hold one service's metrics in a registry of its own (so a
   test can build many apps in one process); ``/metrics`` serves it (``MetricsResource``).
-- ``QueueCollector`` reads the billing queue's gauges from the database at scrape time.
+- ``QueueCollector`` shows the billing queue's gauges, which the pool's monitor reads.
 - ``RequestTelemetry`` gives every request its id, one log line and its HTTP metrics.
 
 Every metric name starts with ``clinic_``; docs/operations.md says what each one means.
@@ -17,7 +17,6 @@ import logging
 import random
 import re
 import sys
-import threading
 import time
 import uuid
 
@@ -143,7 +142,7 @@ class Metrics:
             "clinic_http_request_duration_seconds", "Time from the request reaching the app to its response.",
             ["service", "route", "method"], buckets=HTTP_BUCKETS, registry=self.registry,
         )
-        if pool is not None:
+        if getattr(pool, "monitor", None) is not None:  # not for a one-shot command's pool
             self.registry.register(QueueCollector(pool))
 
 
@@ -200,38 +199,31 @@ SELECT (SELECT count(*) FROM billing_queue WHERE status = 'pending') AS pending,
 
 
 class QueueCollector(Collector):
-    """The queue's gauges and clinic_db_up, read at scrape time and kept for ``max_age`` seconds
-    so that many scrapers cost one query."""
+    """The queue's gauges and clinic_db_up, read from the database by the pool's monitor
+    (db.DatabaseMonitor: its probe runs QUEUE_STATS too), never by the scraping thread: a scrape
+    asks for a fresh probe and waits FRESH_WAIT seconds for it at most (a few milliseconds on a
+    healthy server), else shows the last one. So /metrics answers at once while the database
+    hangs, and says so."""
 
-    def __init__(self, pool: psycopg_pool.ConnectionPool, max_age: float = 1.0):
-        self._pool = pool
-        self._max_age = max_age
-        self._lock = threading.Lock()
-        self._read_at = float("-inf")
+    FRESH_WAIT = 0.05
+
+    def __init__(self, pool):
+        self._monitor = pool.monitor
         self._stats: tuple | None = None
+        self._monitor.add_reading(self._read)
 
-    def _stats_now(self) -> tuple | None:
-        with self._lock:
-            if time.monotonic() - self._read_at >= self._max_age:
-                self._stats = self._query()
-                self._read_at = time.monotonic()
-            return self._stats
-
-    def _query(self) -> tuple | None:
-        try:
-            with self._pool.connection(timeout=1) as conn, conn.transaction():
-                conn.execute("SET LOCAL statement_timeout = '2s'")
-                return conn.execute(QUEUE_STATS).fetchone()
-        except psycopg.Error as exc:  # PoolTimeout too
-            log.warning("metrics_database_query_failed", error=f"{exc.__class__.__name__}: {str(exc).strip()}")
-            return None
+    def _read(self, conn: psycopg.Connection) -> None:
+        self._stats = conn.execute(QUEUE_STATS).fetchone()
 
     def describe(self):
-        return []  # dynamic: describing would cost a query at registration
+        return []  # dynamic
 
     def collect(self):
-        stats = self._stats_now()
-        yield GaugeMetricFamily("clinic_db_up", "1 when this scrape's database query worked, else 0.", value=int(stats is not None))
+        health = self._monitor.check(wait=self.FRESH_WAIT)
+        stats = self._stats if health.up and health.schema else None
+        yield GaugeMetricFamily(
+            "clinic_db_up", "1 when the database answered the last probe (at most a second old), else 0.", value=int(stats is not None)
+        )
         if stats is None:
             return
         pending, failed, oldest = stats

@@ -2,8 +2,10 @@
 
 - ``Problem`` is the one exception a resource raises; every error, ours, Falcon's, psycopg's and
   waitress's own, leaves as RFC 9457 problem details carrying the request's ``request_id``.
-- ``base_app`` builds the Falcon app with the telemetry middleware and the ``/health``,
-  ``/ready``, ``/metrics`` and ``/openapi.json`` routes; ``make_server`` serves it with waitress.
+- ``base_app`` builds the Falcon app with the telemetry and deadline middleware and the
+  ``/health``, ``/ready``, ``/metrics`` and ``/openapi.json`` routes; ``make_server`` serves it
+  with waitress, which stamps each request's arrival (the deadline counts from it) and serves the
+  probes on threads of their own (``Lanes``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pathlib
 import re
 import signal
 import threading
+import time
 import uuid
 from typing import Any, Mapping
 from zoneinfo import ZoneInfo
@@ -27,14 +30,15 @@ import jsonschema
 import orjson
 import psycopg
 import psycopg.errors
-import psycopg_pool
 import waitress.channel
+import waitress.parser
 import waitress.server
 import waitress.task
 import yaml
 
+import db
 from config import CENTS
-from db import SCHEMA_PRESENT, UnreplicatedCommit
+from db import DatabaseUnavailable, DeadlineExceeded, UnreplicatedCommit
 from telemetry import REQUEST_ID_HEADER, Metrics, MetricsResource, RequestTelemetry, get_logger, request_id_from
 
 log = get_logger("clinic.web")
@@ -81,6 +85,21 @@ def _on_problem(req, resp, ex: Problem, params) -> None:
 def _on_database_unavailable(req, resp, ex: psycopg.OperationalError, params) -> None:
     log.warning("database_unavailable", error=str(ex).strip())
     _render(req, resp, 503, "the database is unavailable; retry shortly", {"Retry-After": "1"})
+
+
+def _on_deadline_exceeded(req, resp, ex: DeadlineExceeded, params) -> None:
+    log.warning("request_deadline_exceeded", error=str(ex), after_ms=round(1000 * (time.monotonic() - _arrival(req)), 1))
+    _render(
+        req, resp, 503,
+        f"the request did not finish within {req.context.timeout:g} s of its arrival ({ex}); "
+        "a change it carried may or may not have been applied: retry the same request, with the same id, and it is applied once",
+        {"Retry-After": "1"},
+    )
+
+
+def _on_database_unavailable_fast(req, resp, ex: DatabaseUnavailable, params) -> None:
+    # No log line per request: the monitor logged the change once (db.DatabaseMonitor).
+    _render(req, resp, 503, f"{ex}; retry shortly", {"Retry-After": "1"})
 
 
 def _on_unreplicated_commit(req, resp, ex: UnreplicatedCommit, params) -> None:
@@ -316,15 +335,21 @@ class Health:
 
 
 class Ready:
-    """Readiness: the database answers and the schema is there."""
+    """Readiness: the database answers, on the leader, with the schema there. From the pool's
+    monitor (db.DatabaseMonitor): a fresh probe when one comes within FRESH_WAIT seconds (a few
+    milliseconds on a healthy server), else its last one, so this never waits on a database that
+    does not answer."""
 
-    def __init__(self, pool: psycopg_pool.ConnectionPool):
-        self._pool = pool
+    FRESH_WAIT = 0.05
+
+    def __init__(self, pool: db.LeaderPool):
+        self._monitor = pool.monitor
 
     def on_get(self, req, resp):
-        with self._pool.connection(timeout=2) as conn:
-            ok = conn.execute(SCHEMA_PRESENT).fetchone()[0]
-        if not ok:
+        health = self._monitor.check(wait=self.FRESH_WAIT)
+        if not health.up:
+            raise Problem(503, f"{health.detail}; retry shortly", {"Retry-After": "1"})
+        if not health.schema:
             raise Problem(503, "schema: tables are missing; apply schema.sql", {"Retry-After": "5"})
         send(resp, 200, {"status": "ready"})
 
@@ -338,13 +363,47 @@ class OpenApi:
     on_head = on_get
 
 
-def base_app(pool: psycopg_pool.ConnectionPool, metrics: Metrics, guards: list | None = None) -> falcon.App:
-    """A Falcon app with request telemetry, problem-details errors and the routes both serve.
-    ``guards`` is more middleware, run after the telemetry (so a refusal is logged and counted)."""
-    app = falcon.App(middleware=[RequestTelemetry(metrics), *(guards or [])])
+# ---------------------------------------------------------------------------------------------
+# Deadlines: every request's database work ends within the configured time of its arrival.
+
+# The WSGI environ key under which waitress (_TimedRequest, _Task) hands over the request's
+# arrival, in time.monotonic() seconds: when its last byte came, before it waited for a thread.
+ARRIVED = "clinic.arrived"
+
+
+def _arrival(req) -> float:
+    return req.env.get(ARRIVED) or req.context.get("arrived", time.monotonic())
+
+
+class Deadlines:
+    """Falcon middleware: a request's deadline is ``seconds`` after its arrival, waiting for a
+    thread included; every wait for the database in it ends by then (db.set_deadline), and one
+    that runs out is a 503 (DeadlineExceeded). Requests that do not touch the database (the
+    probes, the OpenAPI document, 404s) are not cut short: they have nothing to wait for."""
+
+    def __init__(self, seconds: float):
+        self._seconds = seconds
+
+    def process_request(self, req, resp):
+        req.context.arrived = _arrival(req)
+        req.context.timeout = self._seconds
+        req.context.deadline_token = db.set_deadline(req.context.arrived + self._seconds)
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        token = req.context.get("deadline_token")
+        if token is not None:
+            db.reset_deadline(token)
+
+
+def base_app(pool: db.LeaderPool, metrics: Metrics, guards: list | None = None, request_timeout: float = 8.0) -> falcon.App:
+    """A Falcon app with request telemetry, deadlines, problem-details errors and the routes both
+    serve. ``guards`` is more middleware, run after those (so a refusal is logged and counted)."""
+    app = falcon.App(middleware=[RequestTelemetry(metrics), Deadlines(request_timeout), *(guards or [])])
     app.set_error_serializer(_serialize_http_error)
     app.add_error_handler(Exception, _on_unexpected)
     app.add_error_handler(psycopg.OperationalError, _on_database_unavailable)
+    app.add_error_handler(DeadlineExceeded, _on_deadline_exceeded)
+    app.add_error_handler(DatabaseUnavailable, _on_database_unavailable_fast)
     app.add_error_handler(UnreplicatedCommit, _on_unreplicated_commit)
     app.add_error_handler(
         (psycopg.errors.UndefinedTable, psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.InsufficientPrivilege),
@@ -388,7 +447,30 @@ class _ProblemErrorTask(waitress.task.ErrorTask):
         self.write(body)
 
 
+class _TimedRequest(waitress.parser.HTTPRequestParser):
+    """waitress's request parser, noting when the request has fully arrived."""
+
+    arrived: float | None = None
+
+    def received(self, data):
+        consumed = super().received(data)
+        if self.completed and self.arrived is None:
+            self.arrived = time.monotonic()
+        return consumed
+
+
+class _Task(waitress.task.WSGITask):
+    """waitress's WSGI task, handing the request's arrival to the app (ARRIVED)."""
+
+    def get_environment(self):
+        environ = super().get_environment()
+        environ[ARRIVED] = getattr(self.request, "arrived", None)
+        return environ
+
+
 class _Channel(waitress.channel.HTTPChannel):
+    parser_class = _TimedRequest
+    task_class = _Task
     error_task_class = _ProblemErrorTask
 
     def send_continue(self):
@@ -424,8 +506,44 @@ WAITRESS_SETTINGS = {
 THREADS = 8
 
 
+# Served on threads of their own (Lanes): a kubelet or a load balancer that cannot reach
+# liveness within its timeout restarts or drops a healthy process, which is what happened when
+# every request thread waited on a database that had stopped answering.
+PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
+PROBE_THREADS = 2
+
+
+class Lanes:
+    """waitress's task dispatcher in two lanes: requests for PROBE_PATHS go to PROBE_THREADS
+    threads of their own, every other request to the service's threads. None of the probes
+    waits on the database (/ready and the metrics read the pool's monitor), so they answer in
+    milliseconds while every other thread waits on a database that does not answer, or on the
+    GIL behind a busy one. waitress hands each connection to one lane at a time, request by
+    request, as it does with one dispatcher."""
+
+    def __init__(self, threads: int, probe_threads: int = PROBE_THREADS):
+        self.requests = waitress.task.ThreadedTaskDispatcher()
+        self.probes = waitress.task.ThreadedTaskDispatcher()
+        self.requests.set_thread_count(threads)
+        self.probes.set_thread_count(probe_threads)
+
+    def add_task(self, channel) -> None:
+        first = channel.requests[0] if channel.requests else None
+        lane = self.probes if first is not None and not first.error and first.path in PROBE_PATHS else self.requests
+        lane.add_task(channel)
+
+    def set_thread_count(self, count: int) -> None:
+        self.requests.set_thread_count(count)
+
+    def shutdown(self, cancel_pending: bool = True, timeout: float = 5) -> bool:
+        requests = self.requests.shutdown(cancel_pending, timeout)
+        probes = self.probes.shutdown(cancel_pending, 1)
+        return requests or probes
+
+
 def make_server(app, port: int, host: str = "0.0.0.0", threads: int = THREADS):
-    server = waitress.server.create_server(app, host=host, port=port, threads=threads, **WAITRESS_SETTINGS)
+    # _dispatcher is create_server's hook for the task dispatcher.
+    server = waitress.server.create_server(app, host=host, port=port, threads=threads, _dispatcher=Lanes(threads), **WAITRESS_SETTINGS)
     server.channel_class = _Channel  # the server's hook for its connection class
     return server
 

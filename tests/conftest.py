@@ -112,7 +112,7 @@ def api(config, pool):
 
 @pytest.fixture
 def billing_api(config, pool):
-    bell = feed.LedgerBell(config.database_url)  # the change feed's LISTEN, closed with the test
+    bell = feed.LedgerBell(pool)  # the change feed's LISTEN, closed with the test
     yield falcon.testing.TestClient(billing_worker.create_app(config, pool, bell=bell))
     bell.close()
 

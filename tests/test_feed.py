@@ -146,9 +146,9 @@ def template_db(admin_url):
 
 
 @pytest.fixture
-def bell(config):
+def bell(pool):
     """The feed's LISTEN connection, closed before the test's database is dropped."""
-    bell = feed.LedgerBell(config.database_url)
+    bell = feed.LedgerBell(pool)
     yield bell
     bell.close()
 
@@ -683,7 +683,7 @@ def test_bad_cursors_limits_waits_and_parameters_are_400_naming_the_parameter(fe
             billing_worker.Biller(other_pool, 50, 3).drain()
             with other_pool.connection() as conn:
                 released(conn.cursor(row_factory=dict_row))
-            other_bell = feed.LedgerBell(other_url)
+            other_bell = feed.LedgerBell(other_pool)
             try:
                 other = falcon.testing.TestClient(billing_worker.create_app(other_config, other_pool, bell=other_bell))
                 foreign = changes(other).json["cursor"]
@@ -859,7 +859,7 @@ def test_a_dump_restored_into_a_new_cluster_is_refused_until_pg_resetwal_moves_i
         target_config = Config(database_url=target)
         target_pool = make_pool(target_config, "tests-restored")
         target_pool.open(wait=True, timeout=10)
-        target_bell = feed.LedgerBell(target)
+        target_bell = feed.LedgerBell(target_pool)
         try:
             restored = falcon.testing.TestClient(billing_worker.create_app(target_config, target_pool, bell=target_bell))
             from_start = changes(restored)
@@ -892,7 +892,7 @@ def test_a_dump_restored_into_a_new_cluster_is_refused_until_pg_resetwal_moves_i
         assert len(new_txids) == 10 and all(r["t"] >= epoch << 32 for r in new_txids)
         target_pool = make_pool(target_config, "tests-restored")
         target_pool.open(wait=True, timeout=10)
-        target_bell = feed.LedgerBell(target)
+        target_bell = feed.LedgerBell(target_pool)
         try:
             restored = falcon.testing.TestClient(billing_worker.create_app(target_config, target_pool, bell=target_bell))
             rest, _ = follow(restored, after=cursor, limit=7)

@@ -429,7 +429,7 @@ def test_the_billing_worker_bills_retries_requeues_serves_and_reconciles_as_clin
     assert metric(scraped, "clinic_db_up") == 1.0 and metric(scraped, "clinic_billing_queue_rows") == 0.0
 
     stop = threading.Event()
-    listener = billing_worker.Listener(as_role(db_url, WORKER), stop)
+    listener = billing_worker.Listener(pool, stop)
     try:
         assert listener.wait(5) == "listen"
     finally:
