@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -225,3 +227,76 @@ def assert_billed_exactly_once(conn, ended: int) -> None:
         "ended": ended, "entries": ended, "pending": 0, "failed": 0,
         "not_billed_once": 0, "status_mismatch": 0, "wrong_total": 0,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The edge (HAProxy with deploy/haproxy/haproxy.cfg) and wrk, for the overload tests and bench.
+
+EDGE_CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+OVERLOAD_LUA = ROOT / "bench" / "bench_overload.lua"
+
+
+class Edge:
+    """HAProxy run with deploy/haproxy/haproxy.cfg, as the compose `edge` service runs it, in
+    front of one API process; on ports and a socket of its own. A context manager."""
+
+    def __init__(self, api_url: str, log_dir: Path | None = None, **settings: str):
+        self.port, self.metrics_port = free_port(), free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="clinic-edge-", dir=log_dir))
+        api = api_url.removeprefix("http://")
+        self.env = {
+            **os.environ,
+            "CLINIC_EDGE_BIND": f"127.0.0.1:{self.port}",
+            "CLINIC_EDGE_METRICS_BIND": f"127.0.0.1:{self.metrics_port}",
+            "CLINIC_EDGE_ADMIN_SOCKET": str(self.dir / "admin.sock"),
+            "CLINIC_API_SERVERS": api,
+            **settings,
+        }
+        self.log_path = self.dir / "haproxy.log"
+        self.popen: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Edge:
+        with open(self.log_path, "wb") as log:
+            # -db: in the foreground, as the official image runs it (-W -db).
+            self.popen = subprocess.Popen(["haproxy", "-W", "-db", "-f", str(EDGE_CONFIG)], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self._serving, 20, interval=0.1, what="HAProxy to route to the API")
+        return self
+
+    def _serving(self) -> bool:
+        if self.popen.poll() is not None:
+            raise AssertionError(f"haproxy exited with {self.popen.returncode}: {self.log_path.read_text()[-2000:]}")
+        with contextlib.suppress(requests.RequestException):
+            return 'haproxy_backend_active_servers{proxy="api"} 1' in self.metrics()
+        return False
+
+    def __exit__(self, *exc) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()  # SIGTERM: a hard stop; the image's SIGUSR1 would drain first
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def metrics(self) -> str:
+        return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+
+
+def run_wrk(url: str, connections: int, seconds: float, script: Path = OVERLOAD_LUA, threads: int = 2) -> dict:
+    """wrk against url; the script's CAPACITY line (bench/capacity_report.lua) as a dict, with
+    `duration_s` and, for bench_overload.lua, `goodput` (2xx answers a second)."""
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
+    found = re.search(r"^CAPACITY (\{.*\})$", done.stdout, re.M)
+    if done.returncode != 0 or not found:
+        raise AssertionError(f"wrk failed ({done.returncode}): {done.stdout}{done.stderr}")
+    figures = json.loads(found.group(1))
+    figures["duration_s"] = figures["duration_us"] / 1e6
+    if "ok" in figures:
+        figures["goodput"] = figures["ok"] / figures["duration_s"]
+    return figures
