@@ -205,7 +205,7 @@ class QueueCollector(Collector):
     healthy server), else shows the last one. So /metrics answers at once while the database
     hangs, and says so."""
 
-    FRESH_WAIT = 0.05
+    FRESH_WAIT = 0.03
 
     def __init__(self, pool):
         self._monitor = pool.monitor

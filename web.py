@@ -340,7 +340,7 @@ class Ready:
     milliseconds on a healthy server), else its last one, so this never waits on a database that
     does not answer."""
 
-    FRESH_WAIT = 0.05
+    FRESH_WAIT = 0.03
 
     def __init__(self, pool: db.LeaderPool):
         self._monitor = pool.monitor

@@ -47,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db import apply_schema  # noqa: E402
+from support import children as _children  # noqa: E402
 from support import free_port, wait_until  # noqa: E402
+from support import pid_alive as _pid_alive  # noqa: E402
 
 PG_BINDIR = "/usr/lib/postgresql/15/bin"
 TOOLS = {"patroni": "patroni", "etcd": "etcd-server", "setpriv": "util-linux"}
@@ -78,25 +80,6 @@ def missing() -> list[str]:
     if os.geteuid() != 0:
         lacking.append("(root, to run patroni as the postgres user)")
     return lacking
-
-
-def _pid_alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-    return found
 
 
 def _kill(pids: list[int]) -> None:

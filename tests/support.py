@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
+import datetime as dt
+import decimal
 import glob
 import json
 import os
@@ -10,9 +14,11 @@ import re
 import shutil
 import signal
 import socket
+import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -62,8 +68,45 @@ def server_bindir() -> str | None:
     return os.path.dirname(found[-1]) if found else None
 
 
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def freeze(postmaster: int) -> list[int]:
+    """SIGSTOP a PostgreSQL server: the postmaster first (it forks no new backend then), then
+    every process it started. Sockets stay open and nothing answers: a hung disk or a paused VM
+    as its clients see it. Returns the PIDs, for thaw()."""
+    os.kill(postmaster, signal.SIGSTOP)
+    pids = [postmaster, *children(postmaster)]
+    for pid in pids[1:]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
+def thaw(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
 class TempCluster:
-    """A PostgreSQL cluster this test run owns, so it may stop, crash and restart it."""
+    """A PostgreSQL cluster this test run owns, so it may stop, crash, freeze and restart it."""
 
     def __init__(self, port: int | None = None):
         self.bindir = server_bindir()
@@ -94,7 +137,12 @@ class TempCluster:
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
 
+    def postmaster_pid(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().splitlines()[0])
+
     def destroy(self) -> None:
+        with contextlib.suppress(Exception):
+            thaw([self.postmaster_pid(), *children(self.postmaster_pid())])  # a stop must not wait on a frozen server
         with contextlib.suppress(Exception):
             self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -300,3 +348,173 @@ def run_wrk(url: str, connections: int, seconds: float, script: Path = OVERLOAD_
     if "ok" in figures:
         figures["goodput"] = figures["ok"] / figures["duration_s"]
     return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# A client's record of what it was told: the load of the failover and hung-database tests.
+
+RATE = decimal.Decimal("200.00")
+BASE_START = dt.datetime(2024, 1, 1, 8, 0, 0, tzinfo=dt.timezone.utc)
+
+
+def expected_price(minutes: int) -> decimal.Decimal:
+    """The price rule, restated independently of appointments.price_for."""
+    return (RATE * minutes / 60).quantize(decimal.Decimal("0.01"), rounding=decimal.ROUND_HALF_UP)
+
+
+
+
+@dataclasses.dataclass
+class Appointment:
+    id: str
+    minutes: int
+    end_sent: bool = False
+    end_acked: bool = False
+    end_acked_at: float = 0.0  # monotonic, when the 2xx came
+    end_unknowns: int = 0
+    acked_attempt_sent_at: float = 0.0  # wall clock, when the attempt that got the 2xx was sent
+    acked_attempt_sent: float = 0.0  # the same, monotonic
+
+
+@dataclasses.dataclass
+class Attempt:
+    kind: str  # start or end
+    sent: float  # monotonic
+    done: float
+    outcome: str  # acked, 4xx, 503, no_response, 5xx
+    status: int | None
+
+
+class Load(threading.Thread):
+    """``clients`` threads starting and ending appointments through the API until stopped, each
+    with ids of its own choosing; each finishes the appointment in hand, retrying unknown outcomes
+    (no answer, a 503) with the same body, as a careful client does. Every attempt is recorded,
+    so that a test can count what was acknowledged against the ledger, and time each call."""
+
+    def __init__(self, api_url: str, seed: int, clients: int = 4, timeout: tuple[float, float] = (2, 10)):
+        super().__init__(daemon=True)
+        self.api_url = api_url
+        self.seed = seed
+        self.halt = threading.Event()
+        self.lock = threading.Lock()
+        self.appointments: dict[str, Appointment] = {}
+        self.attempts: list[Attempt] = []
+        self.bad_responses: list[str] = []
+        self.timeout = timeout
+        self.clients = [threading.Thread(target=self._client, args=(random.Random(seed + i),), daemon=True) for i in range(clients)]
+
+    def run(self) -> None:
+        for client in self.clients:
+            client.start()
+        for client in self.clients:
+            client.join()
+
+    def stop(self, timeout: float = 60) -> bool:
+        """True when every client finished the appointment in hand within timeout."""
+        self.halt.set()
+        self.join(timeout)
+        return not self.is_alive()
+
+    def outcomes(self) -> collections.Counter:
+        with self.lock:
+            return collections.Counter(f"{a.kind}_{a.outcome}" for a in self.attempts)
+
+    def _client(self, rng: random.Random) -> None:
+        session = requests.Session()
+        while not self.halt.is_set():
+            appointment = Appointment(id=str(uuid.uuid4()), minutes=rng.randint(1, 180))
+            start = BASE_START + dt.timedelta(minutes=rng.randint(0, 500_000))
+            # Any second inside the last started minute: the price counts started minutes.
+            end = start + dt.timedelta(minutes=appointment.minutes) - dt.timedelta(seconds=rng.randint(0, 59))
+            with self.lock:
+                self.appointments[appointment.id] = appointment
+            body = {
+                "id": appointment.id, "physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4()),
+                "start_date": start.isoformat(),
+            }
+            if not self._send(session, rng, "start", "/appointments", body, appointment):
+                continue
+            appointment.end_sent = True
+            self._send(session, rng, "end", f"/appointments/{appointment.id}/end", {"end_date": end.isoformat()}, appointment)
+
+    def _send(self, session, rng, kind: str, path: str, body: dict, appointment: Appointment) -> bool:
+        """POSTs until acknowledged (True) or refused with a 4xx (False)."""
+        while True:
+            sent, sent_wall = time.monotonic(), time.time()
+            try:
+                response = session.post(self.api_url + path, json=body, timeout=self.timeout)
+                status, text = response.status_code, response.text
+            except requests.RequestException:
+                response, status, text = None, None, ""
+            done = time.monotonic()
+            if status is not None and status < 300:
+                outcome = "acked"
+            elif status is not None and 400 <= status < 500:
+                outcome = "4xx"
+            elif status == 503:
+                outcome = "503"
+            else:
+                outcome = "no_response" if status is None else "5xx"
+            with self.lock:
+                self.attempts.append(Attempt(kind, sent, done, outcome, status))
+                bad = outcome in ("4xx", "5xx") or (outcome == "503" and not response.headers.get("Retry-After"))
+                if bad and len(self.bad_responses) < 20:
+                    self.bad_responses.append(f"{kind} {status} {dict(response.headers) if response is not None else ''}: {text[:300]}")
+            if outcome == "acked":
+                if kind == "end":
+                    appointment.end_acked, appointment.end_acked_at = True, done
+                    appointment.acked_attempt_sent_at, appointment.acked_attempt_sent = sent_wall, sent
+                return True
+            if outcome == "4xx":
+                return False
+            if kind == "end":
+                appointment.end_unknowns += 1
+            # Unknown (no answer, 503; any other 5xx fails the run but is retried alike): again,
+            # the same body, soon; short pauses so that the figures measure the services.
+            time.sleep(rng.uniform(0.02, 0.1))
+
+
+class Probes(threading.Thread):
+    """GETs /health, /ready and /metrics of each service every 50 ms, as a kubelet and Prometheus
+    would; records (base_url, path, sent at, seconds, status)."""
+
+    PATHS = ("/health", "/ready", "/metrics")
+
+    def __init__(self, base_urls: list[str], paths: tuple[str, ...] = PATHS):
+        super().__init__(daemon=True)
+        self.base_urls, self.paths = base_urls, paths
+        self.halt = threading.Event()
+        self.samples: list[tuple[str, str, float, float, int | None]] = []
+
+    def run(self) -> None:
+        session = requests.Session()
+        while not self.halt.is_set():
+            for base in self.base_urls:
+                for path in self.paths:
+                    began = time.monotonic()
+                    try:
+                        status = session.get(base + path, timeout=30).status_code
+                    except requests.RequestException:
+                        status = None
+                    self.samples.append((base, path, began, time.monotonic() - began, status))
+            self.halt.wait(0.05)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(40)
+
+    def summary(self, since: float = float("-inf"), until: float = float("inf")) -> dict:
+        """{base_url: {path: n, p99_ms, max_ms, statuses}} of the samples sent within [since, until]."""
+        out: dict = {}
+        for base in self.base_urls:
+            for path in self.paths:
+                rows = [(s, st) for b, p, at, s, st in self.samples if b == base and p == path and since <= at <= until]
+                times = sorted(s for s, _ in rows)
+                out.setdefault(base, {})[path] = {
+                    "n": len(times),
+                    "p99_ms": round(1000 * times[min(len(times) - 1, int(len(times) * 0.99))], 1) if times else None,
+                    "max_ms": round(1000 * times[-1], 1) if times else None,
+                    "statuses": dict(collections.Counter(str(st) for _, st in rows)),
+                    "not_200": sum(1 for _, st in rows if st != 200),
+                }
+        return out

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import datetime as dt
-import decimal
 import json
 import os
 import random
@@ -40,14 +38,13 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import psycopg
 import pytest
 import requests
 
 import ha
-from support import ROOT, SERVICE_VARS, as_role, assert_billed_exactly_once, ledger, wait_until
+from support import ROOT, SERVICE_VARS, Load, as_role, assert_billed_exactly_once, expected_price, ledger, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -63,14 +60,7 @@ WAL_SENDER_PAUSE_SECONDS = 1.5
 CONTROL_ACKED_WHILE_PAUSED = 5
 PROBE_INTERVAL = 0.02
 RECOVERY_TIMEOUT = 60
-RATE = decimal.Decimal("200.00")
-BASE_START = dt.datetime(2024, 1, 1, 8, 0, 0, tzinfo=dt.timezone.utc)
 REQUIRED = os.environ.get("REQUIRE_PATRONI") == "1"
-
-
-def expected_price(minutes: int) -> decimal.Decimal:
-    """The price rule, restated independently of appointments.price_for."""
-    return (RATE * minutes / 60).quantize(decimal.Decimal("0.01"), rounding=decimal.ROUND_HALF_UP)
 
 
 @pytest.fixture
@@ -94,116 +84,6 @@ def patroni_cluster():
     yield make
     for cluster in made:
         cluster.close()
-
-
-# --- the load -----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Appointment:
-    id: str
-    minutes: int
-    end_sent: bool = False
-    end_acked: bool = False
-    end_acked_at: float = 0.0  # monotonic, when the 2xx came
-    end_unknowns: int = 0
-    acked_attempt_sent_at: float = 0.0  # wall clock, when the attempt that got the 2xx was sent
-    acked_attempt_sent: float = 0.0  # the same, monotonic
-
-
-@dataclasses.dataclass
-class Attempt:
-    kind: str  # start or end
-    sent: float  # monotonic
-    done: float
-    outcome: str  # acked, 4xx, 503, no_response, 5xx
-    status: int | None
-
-
-class Load(threading.Thread):
-    """CLIENTS threads starting and ending appointments through the API until stopped; each
-    finishes the appointment in hand, retrying unknown outcomes with the same body."""
-
-    def __init__(self, api_url: str, seed: int):
-        super().__init__(daemon=True)
-        self.api_url = api_url
-        self.seed = seed
-        self.halt = threading.Event()
-        self.lock = threading.Lock()
-        self.appointments: dict[str, Appointment] = {}
-        self.attempts: list[Attempt] = []
-        self.bad_responses: list[str] = []
-        self.clients = [threading.Thread(target=self._client, args=(random.Random(seed + i),), daemon=True) for i in range(CLIENTS)]
-
-    def run(self) -> None:
-        for client in self.clients:
-            client.start()
-        for client in self.clients:
-            client.join()
-
-    def stop(self, timeout: float = 60) -> bool:
-        """True when every client finished the appointment in hand within timeout."""
-        self.halt.set()
-        self.join(timeout)
-        return not self.is_alive()
-
-    def outcomes(self) -> collections.Counter:
-        with self.lock:
-            return collections.Counter(f"{a.kind}_{a.outcome}" for a in self.attempts)
-
-    def _client(self, rng: random.Random) -> None:
-        session = requests.Session()
-        while not self.halt.is_set():
-            appointment = Appointment(id=str(uuid.uuid4()), minutes=rng.randint(1, 180))
-            start = BASE_START + dt.timedelta(minutes=rng.randint(0, 500_000))
-            # Any second inside the last started minute: the price counts started minutes.
-            end = start + dt.timedelta(minutes=appointment.minutes) - dt.timedelta(seconds=rng.randint(0, 59))
-            with self.lock:
-                self.appointments[appointment.id] = appointment
-            body = {
-                "id": appointment.id, "physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4()),
-                "start_date": start.isoformat(),
-            }
-            if not self._send(session, rng, "start", "/appointments", body, appointment):
-                continue
-            appointment.end_sent = True
-            self._send(session, rng, "end", f"/appointments/{appointment.id}/end", {"end_date": end.isoformat()}, appointment)
-
-    def _send(self, session, rng, kind: str, path: str, body: dict, appointment: Appointment) -> bool:
-        """POSTs until acknowledged (True) or refused with a 4xx (False)."""
-        while True:
-            sent, sent_wall = time.monotonic(), time.time()
-            try:
-                response = session.post(self.api_url + path, json=body, timeout=(2, 10))
-                status, text = response.status_code, response.text
-            except requests.RequestException:
-                response, status, text = None, None, ""
-            done = time.monotonic()
-            if status is not None and status < 300:
-                outcome = "acked"
-            elif status is not None and 400 <= status < 500:
-                outcome = "4xx"
-            elif status == 503:
-                outcome = "503"
-            else:
-                outcome = "no_response" if status is None else "5xx"
-            with self.lock:
-                self.attempts.append(Attempt(kind, sent, done, outcome, status))
-                bad = outcome in ("4xx", "5xx") or (outcome == "503" and not response.headers.get("Retry-After"))
-                if bad and len(self.bad_responses) < 20:
-                    self.bad_responses.append(f"{kind} {status} {dict(response.headers) if response is not None else ''}: {text[:300]}")
-            if outcome == "acked":
-                if kind == "end":
-                    appointment.end_acked, appointment.end_acked_at = True, done
-                    appointment.acked_attempt_sent_at, appointment.acked_attempt_sent = sent_wall, sent
-                return True
-            if outcome == "4xx":
-                return False
-            if kind == "end":
-                appointment.end_unknowns += 1
-            # Unknown (no answer, 503; any other 5xx fails the run but is retried alike): again,
-            # the same body, soon; short pauses so that the figures measure the services.
-            time.sleep(rng.uniform(0.02, 0.1))
 
 
 class WriteProbe(threading.Thread):
@@ -256,7 +136,7 @@ class FailoverRun:
             service.wait_healthy(30)
             wait_until(lambda s=service: _status(s.base_url + "/ready") == 200, 30, what=f"{service.script} /ready")
         self.probe = WriteProbe(cluster.multi_host_url("postgres"))
-        self.load = Load(self.api.base_url, self.seed)
+        self.load = Load(self.api.base_url, self.seed, CLIENTS)
         self.events: dict[str, float] = {}  # monotonic
         self.event_walls: dict[str, dt.datetime] = {}  # the same moments, to compare with created_at
         self.pause: dict[str, float | int] = {}

@@ -20,14 +20,13 @@ import os
 import shutil
 import socket
 import statistics
-import threading
 import time
 import uuid
 
 import pytest
 import requests
 
-from support import Edge, run_wrk, wait_until
+from support import Edge, Probes, run_wrk, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +39,6 @@ WARMUP_SECONDS = 1
 MIN_RATIO = {256: 0.6, 1000: 0.6, 4000: 0.4}
 MAX_P99_MS = 600
 PROBE_P99_MS = 150
-PROBE_PATHS = ("/health", "/ready", "/metrics")
 BODY = {"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4())}
 
 
@@ -67,40 +65,6 @@ def edge(api, tmp_path):
         yield edge
 
 
-class Probes(threading.Thread):
-    """GETs each of PROBE_PATHS on the process itself every 50 ms, as a kubelet and Prometheus
-    would; records (path, seconds, status)."""
-
-    def __init__(self, base_url: str):
-        super().__init__(daemon=True)
-        self.base_url = base_url
-        self.halt = threading.Event()
-        self.samples: list[tuple[str, float, int | None]] = []
-
-    def run(self) -> None:
-        session = requests.Session()
-        while not self.halt.is_set():
-            for path in PROBE_PATHS:
-                began = time.monotonic()
-                try:
-                    status = session.get(self.base_url + path, timeout=5).status_code
-                except requests.RequestException:
-                    status = None
-                self.samples.append((path, time.monotonic() - began, status))
-            self.halt.wait(0.05)
-
-    def summary(self) -> dict:
-        out = {}
-        for path in PROBE_PATHS:
-            times = sorted(s for p, s, _ in self.samples if p == path)
-            out[path] = {
-                "n": len(times),
-                "p99_ms": round(1000 * times[min(len(times) - 1, int(len(times) * 0.99))], 1) if times else None,
-                "not_200": sum(1 for p, _, status in self.samples if p == path and status != 200),
-            }
-        return out
-
-
 def shed_response(url: str) -> tuple[requests.Response, requests.Response]:
     """Two POSTs on one kept-alive connection."""
     with requests.Session() as session:
@@ -113,7 +77,7 @@ def test_goodput_holds_and_every_request_is_answered_from_16_to_4000_connections
     """Through the edge: goodput at 256 and 1,000 connections near 16's, at 4,000 still half; p99
     low; only 2xx and 503 with Retry-After and X-Request-ID, never a closed connection or a socket
     error; the process's probes answer quickly throughout; the edge's metrics count what it shed."""
-    probes = Probes(api.base_url)
+    probes = Probes([api.base_url])
     probes.start()
     figures = {}
     try:
@@ -133,7 +97,7 @@ def test_goodput_holds_and_every_request_is_answered_from_16_to_4000_connections
         }
         for c, f in figures.items()
     }
-    probe_figures = probes.summary()
+    probe_figures = probes.summary()[api.base_url]
     with capsys.disabled():
         print("\noverload through the edge:", json.dumps({"levels": shown, "probes": probe_figures}, indent=2))
 
