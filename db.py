@@ -142,9 +142,13 @@ class HostOrder:
     def __init__(self):
         self._slow_until: dict[tuple[str, str], float] = {}
 
-    def order(self, attempts: list[dict[str, str]]) -> list[dict[str, str]]:
+    def order(self, attempts: list[dict[str, str]], skip_slow: bool = False) -> list[dict[str, str]]:
+        """The attempts, slow hosts last; ``skip_slow``: without them, unless none is left."""
         now = time.monotonic()
-        return sorted(attempts, key=lambda a: self._slow_until.get(self._key(a), 0.0) > now)
+        ordered = sorted(attempts, key=lambda a: self._slow_until.get(self._key(a), 0.0) > now)
+        if skip_slow:
+            return [a for a in ordered if self._slow_until.get(self._key(a), 0.0) <= now] or ordered
+        return ordered
 
     def slow(self, host: str, port: str) -> None:
         self._slow_until[(host, port)] = time.monotonic() + SLOW_HOST_SECONDS
@@ -208,13 +212,15 @@ class DeadlineConnection(psycopg.Connection):
             raise DeadlineExceeded(f"the database did not answer within the deadline (waited {waited:.2f} s)") from None
 
     @classmethod
-    def connect(cls, conninfo: str = "", **kwargs):
+    def connect(cls, conninfo: str = "", *, skip_slow_hosts: bool = False, **kwargs):
+        """As psycopg's, the hosts tried in HostOrder's order; ``skip_slow_hosts``: not the hosts
+        that recently timed out, unless no other is left (DatabaseMonitor, every other probe)."""
         attempts = host_attempts(conninfo)
         if not attempts:
             return super().connect(conninfo, **kwargs)
         params = {k: v for k, v in psycopg.conninfo.conninfo_to_dict(conninfo).items() if k not in ("host", "port", "hostaddr")}
         failures = []
-        for attempt in HOSTS.order(attempts):
+        for attempt in HOSTS.order(attempts, skip_slow_hosts):
             try:
                 conn = super().connect(psycopg.conninfo.make_conninfo("", **params, **attempt), **kwargs)
             except psycopg.OperationalError as exc:
@@ -262,8 +268,10 @@ class LeaderPool(psycopg_pool.ConnectionPool):
       thread for its whole deadline on a server that is not answering, and /health, the other
       requests and the server itself are spared. When a probe times out (the server accepts
       connections or holds them open, but does not answer), the idle connections are dropped
-      (drain: they all lead to that server) and the LISTEN connections registered with
-      ``watch`` are cut, so that everything reconnects, to the new leader after a failover.
+      (drain: they all lead to that server), and the connections in use and the LISTEN ones
+      (``connect_unpooled``) are cut: the requests waiting on that server get their 503 now
+      instead of at their deadlines, and everything reconnects, to the new leader after a
+      failover.
       A request that ran out of time, or found its connection broken, asks the monitor to probe
       at once instead of at its next turn.
     - A commit that PostgreSQL reports as not confirmed by the synchronous standby raises
@@ -276,15 +284,26 @@ class LeaderPool(psycopg_pool.ConnectionPool):
     # Waiting for a new connection's leader check: the pool's workers have no other deadline.
     CONFIGURE_SECONDS = 5.0
 
-    def __init__(self, conninfo: str, *, monitor: bool = True, **kwargs):
+    def __init__(self, conninfo: str, *, monitor: bool = True, kwargs: dict | None = None, **pool_kwargs):
         self._retry_lock = threading.Lock()
         self._next_retry = 0.0
-        self._watched: weakref.WeakSet[psycopg.Connection] = weakref.WeakSet()
+        self._watched: weakref.WeakSet[psycopg.Connection] = weakref.WeakSet()  # LISTEN connections
+        self._in_use: set[psycopg.Connection] = set()  # handed out by connection()
         self._watched_lock = threading.Lock()
         self.monitor = DatabaseMonitor(self) if monitor else None
+        self._connect_kwargs = dict(kwargs or {})
         super().__init__(
-            conninfo, connection_class=DeadlineConnection, check=self.check_idle_connection, configure=self._configure, **kwargs
+            conninfo, connection_class=DeadlineConnection, check=self.check_idle_connection, configure=self._configure,
+            kwargs=self._connection_kwargs, **pool_kwargs,
         )
+
+    def _connection_kwargs(self) -> dict:
+        """The pool's hook for each new connection's arguments: while the monitor says the server
+        does not answer, new connections leave out the hosts that just timed out (HostOrder), so
+        that after a frozen leader's failover they reach the new one without first waiting out
+        the old one; the monitor's probes still try every host."""
+        failing = self.monitor is not None and self.monitor.unavailable is not None
+        return {**self._connect_kwargs, "skip_slow_hosts": failing}
 
     def open(self, wait: bool = False, timeout: float = 30.0) -> None:
         super().open(wait=wait, timeout=timeout)
@@ -296,11 +315,12 @@ class LeaderPool(psycopg_pool.ConnectionPool):
             self.monitor.close()
         super().close(timeout=timeout)
 
-    @classmethod
-    def _configure(cls, conn: psycopg.Connection) -> None:
-        with within(cls.CONFIGURE_SECONDS):
-            cls.check_leader(conn)
-        cls._watch_commits(conn)
+    def _configure(self, conn: psycopg.Connection) -> None:
+        with within(self.CONFIGURE_SECONDS):
+            self.check_leader(conn)
+        self._watch_commits(conn)
+        if self.monitor is not None:
+            self.monitor.leader_answered()  # proof enough to stop failing fast
 
     @staticmethod
     def _watch_commits(conn: psycopg.Connection) -> None:
@@ -327,13 +347,19 @@ class LeaderPool(psycopg_pool.ConnectionPool):
         try:
             with super().connection(timeout=bound) as conn:
                 seen = conn.unreplicated_commits
+                with self._watched_lock:
+                    self._in_use.add(conn)
                 try:
                     yield conn
-                except psycopg.OperationalError:
+                except psycopg.OperationalError as exc:
+                    if getattr(conn, "cut_at", None) is not None and not isinstance(exc, DeadlineExceeded):
+                        raise DeadlineExceeded("the database stopped answering (the monitor's probe timed out), and the wait for it was cut short") from None
                     if self.monitor is not None and conn.closed:
                         self.monitor.poke()  # timed out, or the server closed it: look now
                     raise
                 finally:
+                    with self._watched_lock:
+                        self._in_use.discard(conn)
                     conn.returned_at = time.monotonic()  # before the pool takes it back
                 if conn.unreplicated_commits != seen:
                     raise UnreplicatedCommit("the commit was not confirmed by the synchronous standby; retry: a retry finds it if it was kept")
@@ -342,22 +368,22 @@ class LeaderPool(psycopg_pool.ConnectionPool):
                 raise DeadlineExceeded(f"no database connection came free within the deadline ({bound:.2f} s)") from None
             raise
 
-    def connect_unpooled(self, application_name: str) -> psycopg.Connection:
+    def connect_unpooled(self, application_name: str, skip_slow_hosts: bool = False) -> psycopg.Connection:
         """A connection of its own (the pool's settings, autocommit), for a LISTEN or a probe;
         the caller closes it. Watched: cut when the server stops answering (see the class)."""
-        kwargs = {**self.kwargs, "application_name": application_name, "connect_timeout": CONNECT_TIMEOUT_SECONDS}
-        conn = DeadlineConnection.connect(self.conninfo, **kwargs)
+        kwargs = {**self._connect_kwargs, "application_name": application_name, "connect_timeout": CONNECT_TIMEOUT_SECONDS}
+        conn = DeadlineConnection.connect(self.conninfo, skip_slow_hosts=skip_slow_hosts, **kwargs)
         with self._watched_lock:
             self._watched.add(conn)
         return conn
 
     def server_unresponsive(self) -> None:
-        """The monitor's probe timed out: drop the idle connections, cut the watched ones."""
+        """The monitor's probe timed out: drop the idle connections, and cut the ones in use and
+        the LISTEN ones, so that every wait on that server ends now, not at its deadline."""
         self.drain()
         with self._watched_lock:
-            watched = list(self._watched)
-        for conn in watched:
-            cut(conn)
+            for conn in (*self._in_use, *self._watched):
+                cut(conn)
 
     @staticmethod
     def check_leader(conn: psycopg.Connection) -> None:
@@ -393,7 +419,8 @@ class LeaderPool(psycopg_pool.ConnectionPool):
 
 def cut(conn: psycopg.Connection) -> None:
     """Ends a connection's TCP stream from any thread (shutdown, not close: the descriptor stays
-    its owner's until it closes it). A thread waiting on it wakes with an error and reconnects."""
+    its owner's until it closes it). A thread waiting on it wakes with an error at once."""
+    conn.cut_at = time.monotonic()
     with contextlib.suppress(OSError, psycopg.Error):
         fd = conn.pgconn.socket
         with socket.socket(fileno=os.dup(fd)) as sock:
@@ -446,6 +473,9 @@ class DatabaseMonitor:
         self._probed = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._attempts = 0
+        self._schema_seen: bool | None = None  # by the last probe that worked
+        self._down_since = 0.0
 
     @property
     def health(self) -> Health:
@@ -493,6 +523,13 @@ class DatabaseMonitor:
             return self.probe()
         return self._health
 
+    def leader_answered(self) -> None:
+        """A new pooled connection passed its leader check: requests may try again now, without
+        waiting for this monitor's own probe (which may be waiting out a host that hangs)."""
+        if self._health.up is False and self._schema_seen is not None:
+            self._publish(Health(True, self._schema_seen, "ok: a new connection reached the leader", time.monotonic()))
+        self.poke()
+
     def _run(self) -> None:
         while not self._closing:
             health = self.probe()
@@ -504,10 +541,15 @@ class DatabaseMonitor:
             if self._closing and self._thread is not None:
                 return self._health
             began = time.monotonic()
+            self._attempts += 1
             try:
                 with within(self.TIMEOUT):
                     if self._conn is None or self._conn.closed:
-                        self._conn = self._pool.connect_unpooled(f"{self._pool.name}-monitor")
+                        # While it fails, every other attempt leaves out the hosts that just timed
+                        # out: after a frozen leader's failover, the new one is found at the next
+                        # turn instead of after waiting out the old one's connect timeout.
+                        skip = self._health.up is False and self._attempts % 2 == 0
+                        self._conn = self._pool.connect_unpooled(f"{self._pool.name}-monitor", skip_slow_hosts=skip)
                     leader, schema = self._conn.execute(PROBE).fetchone()
                     if not leader:
                         raise psycopg.OperationalError("the server is in recovery (a standby): not the leader")
@@ -515,6 +557,7 @@ class DatabaseMonitor:
                         for reading in self._readings:
                             reading(self._conn)
                 health = Health(True, bool(schema), "ok" if schema else "the tables are missing; apply schema.sql", began)
+                self._schema_seen = bool(schema)
             except (DeadlineExceeded, psycopg.errors.ConnectionTimeout) as exc:
                 health = self._failed(began, f"the database does not answer ({str(exc).strip()})")
                 if self._health.up is not False:
@@ -531,14 +574,17 @@ class DatabaseMonitor:
         return Health(False, False, detail, began)
 
     def _publish(self, health: Health) -> None:
-        before = self._health
         with self._probed:
+            before = self._health
+            if health.at < before.at:
+                return  # begun before a newer word (leader_answered) came in: stale
             self._health = health
             self._probed.notify_all()
         if health.up is False and before.up is not False:
+            self._down_since = health.at
             log.warning("database_unavailable_failing_fast", detail=health.detail)
         elif health.up and before.up is False:
-            log.info("database_available_again", after_s=round(health.at - before.at, 3))
+            log.info("database_available_again", detail=health.detail, down_s=round(health.at - self._down_since, 3))
 
 
 def server_has_spoken(conn: psycopg.Connection) -> bool:

@@ -88,10 +88,10 @@ def _on_database_unavailable(req, resp, ex: psycopg.OperationalError, params) ->
 
 
 def _on_deadline_exceeded(req, resp, ex: DeadlineExceeded, params) -> None:
-    log.warning("request_deadline_exceeded", error=str(ex), after_ms=round(1000 * (time.monotonic() - _arrival(req)), 1))
+    log.warning("request_cut_short", error=str(ex), after_ms=round(1000 * (time.monotonic() - _arrival(req)), 1))
     _render(
         req, resp, 503,
-        f"the request did not finish within {req.context.timeout:g} s of its arrival ({ex}); "
+        f"the request could not finish: {ex} (a request's deadline is {req.context.timeout:g} s after its arrival); "
         "a change it carried may or may not have been applied: retry the same request, with the same id, and it is applied once",
         {"Retry-After": "1"},
     )

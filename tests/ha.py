@@ -6,13 +6,21 @@ members under Patroni, on ports and directories this test run owns.
         killed = cluster.kill_leader()                  # SIGKILL patroni, its postmaster and every backend
         cluster.restart_member(killed); cluster.wait_ready()   # it rejoins (pg_rewind) as a replica
         cluster.switchover()                            # the controlled one
+        name, pids = cluster.freeze_leader(); ...; cluster.thaw(pids)   # SIGSTOP, later SIGCONT
+
+    with PatroniCluster(isolated=True) as cluster:      # the leader in a network namespace of its own
+        cluster.partition_leader(); ...; cluster.heal()  # its link down, then up again
 
 Needs Debian's `patroni` (3.0.x), `etcd-server` (3.4) and `postgresql-15` (the server binaries in
-/usr/lib/postgresql/15/bin), run as plain processes (no systemd). `missing()` names what is not
-there. Things that cost time to find:
+/usr/lib/postgresql/15/bin), run as plain processes (no systemd), and for `isolated` iproute2 and
+root (`ip netns`). `missing()` names what is not there. Things that cost time to find:
 
-- Patroni speaks to etcd 3.4 through the `etcd3:` key. etcd 3.4 has its v2 API off, and with the
-  `etcd:` key Patroni waits forever.
+- Patroni talks to etcd through its v2 API (the `etcd:` key; etcd 3.4 started with
+  --enable-v2=true), not the `etcd3:` key. Patroni 3.0.2 (Debian bookworm) lacks the etcd3 fix of
+  Patroni pull request 2689: a frozen leader, once resumed, overwrote the leader key that the
+  promoted standby held, and the standby demoted itself, rewinding away what it had acknowledged
+  meanwhile. With the v2 API the resumed leader sees the new owner and demotes itself, as it
+  must (docs/deploy.md says which versions and settings are safe).
 - initdb refuses root, so patroni runs as the postgres OS user, started through
   `setpriv --reuid=postgres --regid=postgres --init-groups patroni member.yml`: setpriv execs, so
   the PID we record is patroni's own.
@@ -31,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -48,12 +57,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db import apply_schema  # noqa: E402
 from support import children as _children  # noqa: E402
-from support import free_port, wait_until  # noqa: E402
+from support import free_port, freeze, thaw, wait_until  # noqa: E402
 from support import pid_alive as _pid_alive  # noqa: E402
 
 PG_BINDIR = "/usr/lib/postgresql/15/bin"
 TOOLS = {"patroni": "patroni", "etcd": "etcd-server", "setpriv": "util-linux"}
 MEMBERS = ("pg1", "pg2")
+LOOPBACK = "127.0.0.1"
 
 # Patroni's clock. The leader renews its key every LOOP_WAIT; when it dies, the key expires TTL
 # seconds after the last renewal and the standby takes over on its next loop: a failover costs
@@ -72,14 +82,70 @@ RETRY_TIMEOUT = 2
 MAXIMUM_LAG_ON_FAILOVER = 64 * 1024 * 1024
 
 
-def missing() -> list[str]:
+def missing(isolated: bool = False) -> list[str]:
     """What this machine lacks to run a cluster, as Debian package names (empty when nothing)."""
     lacking = [package for tool, package in TOOLS.items() if shutil.which(tool) is None]
     if not os.path.exists(os.path.join(PG_BINDIR, "initdb")):
         lacking.append("postgresql-15")
     if os.geteuid() != 0:
         lacking.append("(root, to run patroni as the postgres user)")
+    if isolated:
+        if shutil.which("ip") is None:
+            lacking.append("iproute2")
+        elif os.geteuid() == 0 and not NetNamespace.possible():
+            lacking.append("(network namespaces: `ip netns add` failed)")
     return lacking
+
+
+class NetNamespace:
+    """A network namespace joined to this host by a veth pair, on a /24 of its own in 10.213/16:
+    the host's end HOST, the namespace's NS. ``cut()`` takes the namespace's end down: established
+    connections go silent (what is sent is never acknowledged) and new ones fail with "No route
+    to host", a network partition as a client sees it; ``heal()`` brings it back."""
+
+    def __init__(self):
+        self.name = f"clinic{os.getpid() % 100000}{random.randrange(100)}"
+        subnet = random.randrange(1, 250)
+        self.host, self.ns = f"10.213.{subnet}.1", f"10.213.{subnet}.2"
+        self.host_link, self.ns_link = f"{self.name}h"[:15], f"{self.name}n"[:15]
+        self.made = False
+
+    @staticmethod
+    def possible() -> bool:
+        probe = f"clinicprobe{os.getpid() % 10000}"
+        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
+        if made:
+            subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+        return made
+
+    def create(self) -> None:
+        self.made = True
+        inside = ["ip", "netns", "exec", self.name]
+        for argv in (
+            ["ip", "netns", "add", self.name],
+            ["ip", "link", "add", self.host_link, "type", "veth", "peer", "name", self.ns_link],
+            ["ip", "link", "set", self.ns_link, "netns", self.name],
+            ["ip", "addr", "add", f"{self.host}/24", "dev", self.host_link],
+            ["ip", "link", "set", self.host_link, "up"],
+            [*inside, "ip", "addr", "add", f"{self.ns}/24", "dev", self.ns_link],
+            [*inside, "ip", "link", "set", self.ns_link, "up"],
+            [*inside, "ip", "link", "set", "lo", "up"],
+        ):
+            subprocess.run(argv, check=True, capture_output=True)
+
+    def prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.name]
+
+    def cut(self) -> None:
+        subprocess.run([*self.prefix(), "ip", "link", "set", self.ns_link, "down"], check=True, capture_output=True)
+
+    def heal(self) -> None:
+        subprocess.run([*self.prefix(), "ip", "link", "set", self.ns_link, "up"], check=True, capture_output=True)
+
+    def destroy(self) -> None:
+        if self.made:
+            subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+            subprocess.run(["ip", "link", "del", self.host_link], capture_output=True)
 
 
 def _kill(pids: list[int]) -> None:
@@ -91,8 +157,10 @@ def _kill(pids: list[int]) -> None:
 class Member:
     """One PostgreSQL member: its patroni process, data directory, ports and log."""
 
-    def __init__(self, name: str, root: Path):
+    def __init__(self, name: str, root: Path, host: str = LOOPBACK, netns: NetNamespace | None = None):
         self.name = name
+        self.host = host  # where the others reach it
+        self.netns = netns  # the namespace it runs in, if not this host's
         self.dir = root / name
         self.data_dir = self.dir / "data"
         self.config_path = self.dir / "patroni.yml"
@@ -103,10 +171,10 @@ class Member:
 
     @property
     def rest(self) -> str:
-        return f"http://127.0.0.1:{self.rest_port}"
+        return f"http://{self.host}:{self.rest_port}"
 
     def url(self, dbname: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.pg_port}/{dbname}"
+        return f"postgresql://postgres@{self.host}:{self.pg_port}/{dbname}"
 
     def postmaster_pid(self) -> int | None:
         with contextlib.suppress(OSError, ValueError, IndexError):
@@ -121,11 +189,15 @@ class Member:
 class PatroniCluster:
     """etcd plus two Patroni-run PostgreSQL members; a context manager that leaves no process behind."""
 
-    def __init__(self, synchronous: bool = True, dbname: str = "clinic", workdir: Path | None = None):
-        lacking = missing()
+    def __init__(self, synchronous: bool = True, dbname: str = "clinic", workdir: Path | None = None, isolated: bool = False):
+        """``isolated``: pg1 runs in a network namespace of its own (NetNamespace) and is the
+        first leader, for partition_leader(); the other member and etcd are reached on the host's
+        end of its link."""
+        lacking = missing(isolated)
         if lacking:
             raise RuntimeError(f"cannot run a Patroni cluster here; missing: {', '.join(lacking)}")
         self.synchronous = synchronous
+        self.netns = NetNamespace() if isolated else None
         self.dbname = dbname
         # etcd fsyncs every write; on tmpfs that costs nothing, so a busy disk cannot stall the
         # leader's lease renewals into a spurious failover. The rest on disk (PostgreSQL data).
@@ -136,7 +208,12 @@ class PatroniCluster:
         self.etcd_client_port = free_port()
         self.etcd_peer_port = free_port()
         self.etcd: subprocess.Popen | None = None
-        self.members = {name: Member(name, self.dir) for name in MEMBERS}
+        if self.netns is None:
+            self.members = {name: Member(name, self.dir) for name in MEMBERS}
+        else:
+            self.members = {"pg1": Member("pg1", self.dir, self.netns.ns, self.netns), "pg2": Member("pg2", self.dir, self.netns.host)}
+        # Where etcd listens for the members: the host's end of the link, reachable from the namespace.
+        self.etcd_host = self.netns.host if self.netns else LOOPBACK
         self.timings: dict[str, float] = {}
         shutil.chown(self.dir, "postgres", "postgres")
 
@@ -155,6 +232,8 @@ class PatroniCluster:
 
     def start(self) -> None:
         began = time.monotonic()
+        if self.netns is not None:
+            self.netns.create()
         self._start_etcd()
         self._timed("etcd_up", began)
         for member in self.members.values():
@@ -162,6 +241,9 @@ class PatroniCluster:
             shutil.chown(member.dir, "postgres", "postgres")
             member.config_path.write_text(yaml.safe_dump(self._member_config(member), sort_keys=False))
             self._start_patroni(member)
+            if self.netns is not None and member.name == "pg1":
+                # The isolated member bootstraps alone: it is the leader partition_leader() cuts off.
+                wait_until(self._writable_leader, 60, interval=0.2, what="pg1 to lead")
         leader = wait_until(self._writable_leader, 60, interval=0.2, what="a Patroni leader taking writes")
         self._timed("leader_up", began)
         with psycopg.connect(self.members[leader].url(), autocommit=True) as conn:
@@ -187,13 +269,15 @@ class PatroniCluster:
                 self.etcd.wait(timeout=10)
         # Anything else still running from our directories (a pg_rewind, a pg_basebackup).
         _kill(self._strays())
+        if self.netns is not None:
+            self.netns.destroy()
         shutil.rmtree(self.etcd_dir, ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- what the tests use ----------------------------------------------------------------------
 
     def multi_host_url(self, dbname: str | None = None, user: str = "postgres") -> str:
-        hosts = ",".join(f"127.0.0.1:{m.pg_port}" for m in self.members.values())
+        hosts = ",".join(f"{m.host}:{m.pg_port}" for m in self.members.values())
         return f"postgresql://{user}@{hosts}/{dbname or self.dbname}?target_session_attrs=read-write"
 
     def cluster_state(self) -> dict | None:
@@ -233,6 +317,31 @@ class PatroniCluster:
         member.popen.wait(timeout=10)
         wait_until(lambda: not any(_pid_alive(pid) for pid in pids), 10, what=f"{name}'s processes to die")
         return name
+
+    def freeze_leader(self) -> tuple[str, list[int]]:
+        """SIGSTOP the leader's patroni, its postmaster and every backend (a paused VM, a hung
+        machine: sockets open, nothing answers); returns its name and the PIDs for thaw()."""
+        name = self.leader()
+        assert name, f"no leader to freeze: {self.cluster_state()}"
+        member = self.members[name]
+        os.kill(member.popen.pid, signal.SIGSTOP)
+        postmaster = member.postmaster_pid()
+        pids = [member.popen.pid, *(freeze(postmaster) if postmaster else [])]
+        return name, pids
+
+    @staticmethod
+    def thaw(pids: list[int]) -> None:
+        thaw(pids)
+
+    def partition_leader(self) -> str:
+        """Takes the isolated member's link down; it must be the leader. Returns its name."""
+        assert self.netns is not None, "only an isolated cluster can be partitioned"
+        assert self.leader() == "pg1", f"pg1 is not the leader: {self.cluster_state()}"
+        self.netns.cut()
+        return "pg1"
+
+    def heal(self) -> None:
+        self.netns.heal()
 
     def restart_member(self, name: str) -> None:
         """Starts a killed member's patroni again: it rejoins as a replica (pg_rewind when its
@@ -283,14 +392,17 @@ class PatroniCluster:
         self.timings[what] = round(time.monotonic() - since, 2)
 
     def _start_etcd(self) -> None:
-        client = f"http://127.0.0.1:{self.etcd_client_port}"
+        client = f"http://{self.etcd_host}:{self.etcd_client_port}"
         peer = f"http://127.0.0.1:{self.etcd_peer_port}"
+        listen = client if self.etcd_host == LOOPBACK else f"{client},http://127.0.0.1:{self.etcd_client_port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
         with open(self.dir / "etcd.log", "wb") as log:
             self.etcd = subprocess.Popen(
                 [
                     "etcd", "--name", "etcd1", "--data-dir", str(self.etcd_dir / "data"),
-                    "--listen-client-urls", client, "--advertise-client-urls", client,
+                    "--listen-client-urls", listen, "--advertise-client-urls", client,
+                    # Patroni's `etcd:` key speaks the v2 API (see the module's docstring).
+                    "--enable-v2=true",
                     "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                     "--initial-cluster", f"etcd1={peer}", "--initial-cluster-state", "new",
                     "--initial-cluster-token", self.scope,
@@ -313,14 +425,16 @@ class PatroniCluster:
             "local replication all trust",
             "host all all 127.0.0.1/32 trust",  # tests only: no passwords anywhere
             "host replication all 127.0.0.1/32 trust",
+            "host all all 10.213.0.0/16 trust",  # an isolated cluster's link (NetNamespace)
+            "host replication all 10.213.0.0/16 trust",
         ]
         return {
             "scope": self.scope,
             "namespace": "/clinic-test/",
             "name": member.name,
             "log": {"level": "INFO"},
-            "restapi": {"listen": f"127.0.0.1:{member.rest_port}", "connect_address": f"127.0.0.1:{member.rest_port}"},
-            "etcd3": {"hosts": [f"127.0.0.1:{self.etcd_client_port}"]},
+            "restapi": {"listen": f"{member.host}:{member.rest_port}", "connect_address": f"{member.host}:{member.rest_port}"},
+            "etcd": {"hosts": [f"{self.etcd_host}:{self.etcd_client_port}"]},
             "bootstrap": {
                 "dcs": {
                     "ttl": TTL,
@@ -352,11 +466,15 @@ class PatroniCluster:
                 "initdb": [{"encoding": "UTF8"}, {"auth": "trust"}, "no-sync"],
             },
             "postgresql": {
-                "listen": f"127.0.0.1:{member.pg_port}",
-                "connect_address": f"127.0.0.1:{member.pg_port}",
+                # On the namespace's own loopback too, inside it: patroni talks to its server there.
+                "listen": f"{LOOPBACK},{member.host}:{member.pg_port}" if member.host != LOOPBACK else f"{LOOPBACK}:{member.pg_port}",
+                "connect_address": f"{member.host}:{member.pg_port}",
                 "data_dir": str(member.data_dir),
                 "bin_dir": PG_BINDIR,
                 "pgpass": str(member.dir / "pgpass"),
+                # A new standby's pg_basebackup asks for a fast checkpoint: a spread one (the
+                # default) after the leader's bootstrap took minutes.
+                "basebackup": [{"checkpoint": "fast"}],
                 "authentication": {"superuser": {"username": "postgres"}, "replication": {"username": "replicator"}},
                 "parameters": {"unix_socket_directories": str(member.dir)},
                 "pg_hba": hba,
@@ -367,14 +485,15 @@ class PatroniCluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PATRONI"))}
         env["HOME"] = str(member.dir)
         with open(member.log_path, "ab") as log:
+            netns = member.netns.prefix() if member.netns is not None else []
             member.popen = subprocess.Popen(
-                ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "patroni", str(member.config_path)],
+                [*netns, "setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "patroni", str(member.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=member.dir, start_new_session=True,
             )
 
     def _writable_leader(self) -> str | None:
         for member in self.members.values():
-            if member.popen.poll() is not None:
+            if member.popen is not None and member.popen.poll() is not None:
                 raise AssertionError(f"patroni {member.name} exited with {member.popen.returncode}:\n{member.log()[-3000:]}")
         name = self.leader()
         if name is None:

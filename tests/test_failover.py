@@ -43,6 +43,7 @@ import psycopg
 import pytest
 import requests
 
+import db
 import ha
 from support import ROOT, SERVICE_VARS, Load, as_role, assert_billed_exactly_once, expected_price, ledger, wait_until
 
@@ -59,23 +60,34 @@ WAL_SENDER_PAUSE_SECONDS = 1.5
 # meanwhile (each then exists only on the leader about to die), so the loss is certain, not likely.
 CONTROL_ACKED_WHILE_PAUSED = 5
 PROBE_INTERVAL = 0.02
+PROBE_TIMEOUT = 0.5
 RECOVERY_TIMEOUT = 60
+# A leader that stops answering instead of dying (frozen, or cut off by the network): the first
+# acknowledged end within this many seconds of the new leader taking writes, and no call longer
+# than the API's request deadline (config.Config.request_timeout, the services' default) + 1 s.
+FIRST_END_AFTER_HUNG_LEADER_MAX_SECONDS = 2.0
+REQUEST_DEADLINE = 8.0
 REQUIRED = os.environ.get("REQUIRE_PATRONI") == "1"
+
+
+def _require_cluster(isolated: bool = False) -> None:
+    lacking = ha.missing(isolated)
+    if lacking:
+        reason = f"no Patroni cluster possible here; missing: {', '.join(lacking)}"
+        if REQUIRED:
+            pytest.fail(f"{reason} (REQUIRE_PATRONI=1, so this is a failure, not a skip)", pytrace=False)
+        pytest.skip(reason)
 
 
 @pytest.fixture
 def patroni_cluster():
     """Makes PatroniClusters; each is torn down (no process left) when the test ends. Requested
     before `services`, so the services are stopped first."""
-    lacking = ha.missing()
-    if lacking:
-        reason = f"no Patroni cluster possible here; missing: {', '.join(lacking)}"
-        if REQUIRED:
-            pytest.fail(f"{reason} (REQUIRE_PATRONI=1, so this is a failure, not a skip)", pytrace=False)
-        pytest.skip(reason)
+    _require_cluster()
     made: list[ha.PatroniCluster] = []
 
     def make(**kwargs) -> ha.PatroniCluster:
+        _require_cluster(kwargs.get("isolated", False))
         cluster = ha.PatroniCluster(**kwargs)
         made.append(cluster)
         cluster.__enter__()
@@ -86,31 +98,47 @@ def patroni_cluster():
         cluster.close()
 
 
-class WriteProbe(threading.Thread):
-    """Inserts into a scratch table through the multi-host URL every PROBE_INTERVAL, reconnecting
-    after every error: when the cluster takes writes, from outside."""
+class WriteProbe:
+    """Inserts into a scratch table of each member directly, from a thread per member, every
+    PROBE_INTERVAL; each attempt ends within PROBE_TIMEOUT on our side (db.within), so that a
+    frozen or cut-off member holds up nothing but its own thread: when, and where, the cluster
+    takes writes, seen from outside. A standby refuses (read-only): not a write."""
 
-    def __init__(self, url: str):
-        super().__init__(daemon=True)
-        self.url = url
+    def __init__(self, cluster: ha.PatroniCluster):
         self.halt = threading.Event()
-        self.results: list[tuple[float, bool]] = []  # (monotonic when the attempt ended, ok)
-        with psycopg.connect(url, autocommit=True) as conn:
+        self.results: list[tuple[float, str, bool]] = []  # (monotonic when the attempt ended, member, ok)
+        with psycopg.connect(cluster.multi_host_url("postgres"), autocommit=True, connect_timeout=2) as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS failover_probe (at timestamptz NOT NULL DEFAULT now())")
+        self.threads = [
+            threading.Thread(target=self._probe, args=(name, member.url("postgres")), daemon=True)
+            for name, member in cluster.members.items()
+        ]
 
-    def run(self) -> None:
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self.halt.set()
+        for thread in self.threads:
+            thread.join(10)
+
+    def _probe(self, name: str, url: str) -> None:
         conn = None
         while not self.halt.is_set():
             try:
-                if conn is None:
-                    conn = psycopg.connect(self.url, autocommit=True, connect_timeout=2)
-                conn.execute("INSERT INTO failover_probe DEFAULT VALUES")
-                self.results.append((time.monotonic(), True))
+                with db.within(PROBE_TIMEOUT):
+                    if conn is None:
+                        conn = db.DeadlineConnection.connect(url, autocommit=True, connect_timeout=2)
+                    # A standby is asked, not written to: its refusals would fill its log.
+                    if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                        raise psycopg.errors.ReadOnlySqlTransaction("a standby")
+                    conn.execute("INSERT INTO failover_probe DEFAULT VALUES")
+                self.results.append((time.monotonic(), name, True))
             except psycopg.Error:
-                self.results.append((time.monotonic(), False))
-                with contextlib.suppress(Exception):
-                    conn.close()
-                conn = None
+                self.results.append((time.monotonic(), name, False))
+                if conn is not None and conn.closed:
+                    conn = None
             self.halt.wait(PROBE_INTERVAL)
         if conn is not None:
             conn.close()
@@ -135,9 +163,10 @@ class FailoverRun:
         for service in [self.api, *self.workers]:
             service.wait_healthy(30)
             wait_until(lambda s=service: _status(s.base_url + "/ready") == 200, 30, what=f"{service.script} /ready")
-        self.probe = WriteProbe(cluster.multi_host_url("postgres"))
+        self.probe = WriteProbe(cluster)
         self.load = Load(self.api.base_url, self.seed, CLIENTS)
         self.events: dict[str, float] = {}  # monotonic
+        self.event_leaders: dict[str, str] = {}  # the leader when it happened
         self.event_walls: dict[str, dt.datetime] = {}  # the same moments, to compare with created_at
         self.pause: dict[str, float | int] = {}
 
@@ -170,6 +199,14 @@ class FailoverRun:
         self._event("switchover")
         return self.cluster.switchover()
 
+    def freeze_leader(self) -> tuple[str, list[int]]:
+        self._event("freeze")
+        return self.cluster.freeze_leader()
+
+    def partition_leader(self) -> str:
+        self._event("partition")
+        return self.cluster.partition_leader()
+
     def wait_recovered(self, event: str) -> dict:
         """Waits for the probe and the API to write again, then for both workers to LISTEN on
         the new leader and for a charge to be billed there; returns the figures."""
@@ -177,7 +214,7 @@ class FailoverRun:
             figures = wait_until(
                 lambda: self.recovery(event), RECOVERY_TIMEOUT, interval=0.1, what=f"writes and an end after the {event}"
             )
-            with psycopg.connect(self.url, autocommit=True) as conn:
+            with self.leader_connection() as conn:
                 wait_until(
                     lambda: _listeners_on(conn) == WORKERS, RECOVERY_TIMEOUT, interval=0.1, what=f"both workers to LISTEN after the {event}"
                 )
@@ -196,16 +233,17 @@ class FailoverRun:
     def recovery(self, event: str) -> dict | None:
         """The figures of one failover, None until writes and an end came back after it.
 
-        The outage begins at the probe's first failure after the event (a switchover's old leader
-        serves on for a moment); writes are back at the probe's first success after that; the
-        API is back at the first end acknowledged of those sent once the outage had begun (only
-        the new leader can have served them)."""
-        at = self.events[event]
+        The outage begins at the old leader's first failed probe after the event (a switchover's
+        old leader serves on for a moment; a frozen one's probe fails after PROBE_TIMEOUT); writes
+        are back at the first successful probe of any member after that; the API is back at the
+        first end acknowledged of those sent once the outage had begun (only the new leader can
+        have served them)."""
+        at, old = self.events[event], self.event_leaders[event]
         results = list(self.probe.results)
-        outage = next((t for t, ok in results if t >= at and not ok), None)
+        outage = next((t for t, member, ok in results if t >= at and member == old and not ok), None)
         if outage is None:
             return None
-        writes = next((t for t, ok in results if t > outage and ok), None)
+        writes = next((t for t, _, ok in results if t > outage and ok), None)
         with self.load.lock:
             attempts = list(self.load.attempts)
         ends = [a.done for a in attempts if a.kind == "end" and a.outcome == "acked" and a.sent >= outage]
@@ -214,6 +252,7 @@ class FailoverRun:
         first_end = min(ends)
         window = [a for a in attempts if at <= a.done <= first_end]
         return {
+            "new_leader": next((m for t, m, ok in results if t > outage and ok), None),
             "outage_began_s": round(outage - at, 2),
             "writes_back_s": round(writes - at, 2),
             "first_end_s": round(first_end - at, 2),
@@ -233,11 +272,20 @@ class FailoverRun:
 
     def finish(self) -> bool:
         finished = self.load.stop(timeout=60)
-        self.probe.halt.set()
-        self.probe.join(10)
+        self.probe.stop()
         return finished
 
+    def leader_connection(self) -> psycopg.Connection:
+        """A superuser connection to the leader through the multi-host URL (2 s per host that
+        does not answer)."""
+        return psycopg.connect(self.url, autocommit=True, connect_timeout=2)
+
+    def longest_call(self) -> float:
+        with self.load.lock:
+            return max((a.done - a.sent for a in self.load.attempts), default=0.0)
+
     def _event(self, name: str) -> None:
+        self.event_leaders[name] = self.cluster.leader()
         self.events[name] = time.monotonic()
         self.event_walls[name] = dt.datetime.now(dt.timezone.utc)
 
@@ -261,7 +309,7 @@ class FailoverRun:
         apps = self.load.appointments
         acked = [a for a in apps.values() if a.end_acked]
         lost = [a for a in acked if per_id[a.id] != 1]
-        paused = [a for a in acked if self.paused_at <= a.acked_attempt_sent and a.end_acked_at <= self.events["kill"]]
+        paused = [a for a in acked if "kill" in self.events and self.paused_at <= a.acked_attempt_sent and a.end_acked_at <= self.events["kill"]]
         outcomes = self.load.outcomes()
         return {
             "appointments": len(apps),
@@ -405,3 +453,70 @@ def test_negative_control_asynchronous_replication_loses_the_ends_acknowledged_b
     # Every end acknowledged while the standby received nothing is gone: the checker sees a loss.
     assert result["lost_of_acked_while_paused"] == result["acked_while_paused"], result
     assert result["lost"] >= result["acked_while_paused"]
+
+
+# --- leaders that hang instead of dying ----------------------------------------------------------
+
+
+def _hung_leader_run(cluster: ha.PatroniCluster, run: FailoverRun, event: str, hang, release, capsys) -> dict:
+    """Load; hang() the leader; wait for the standby to take over and the API and workers to
+    follow; release() the old leader, which must rejoin as the sync standby; count the money."""
+    began = time.monotonic()
+    run.start()
+    run.drive(3)
+    hung = hang()
+    try:
+        figures: dict = {"seed": run.seed, event: {"member": hung, **run.wait_recovered(event)}}
+        run.drive(2)
+    finally:
+        release()
+    released = time.monotonic()
+    state = cluster.wait_ready(90)  # the old leader back as the sync standby, caught up
+    roles = {m["name"]: m["role"] for m in state["members"]}
+    figures["rejoin"] = {"seconds": round(time.monotonic() - released, 2), "roles": roles, "pg_rewind": cluster.rewound(hung)}
+    run.drive(2)
+    finished = run.finish()
+    with run.leader_connection() as conn:
+        drained = run.drain(conn)
+        result = run.count(conn)
+        figures.update(result)
+        figures["longest_call_s"] = round(run.longest_call(), 2)
+        figures["seconds"] = round(time.monotonic() - began, 1)
+        _show(f"{event} of the leader (synchronous_mode)", figures, capsys)
+        assert finished, "a client never got its last request acknowledged"
+        assert drained, f"charges still pending: {ledger(conn)}"
+        assert_billed_exactly_once(conn, ended=ledger(conn)["ended"])
+    assert result["ends_acknowledged"] > 0
+    for key in ("lost", "duplicated", "unexpected", "ended_unexpectedly", "wrong_total", "http_5xx_other", "http_4xx", "no_response"):
+        assert result[key] == 0, (key, json.dumps(figures, default=str))
+    assert not result["bad_responses"], result["bad_responses"]
+    assert roles[hung] in ("sync_standby", "replica") and roles[figures[event]["new_leader"]] == "leader", roles
+    assert figures["longest_call_s"] <= REQUEST_DEADLINE + 1, figures
+    assert figures[event]["first_end_after_writes_s"] <= FIRST_END_AFTER_HUNG_LEADER_MAX_SECONDS, figures[event]
+    return figures
+
+
+def test_a_frozen_leader_costs_no_call_more_than_its_deadline_and_loses_no_acknowledged_end(patroni_cluster, services, capsys):
+    """The leader's patroni, postmaster and backends SIGSTOPped (a paused VM: its sockets stay
+    open, nothing answers), SIGCONTed once the standby has taken over: the API follows the new
+    leader within 2 s of it taking writes, no call outlives the deadline, nothing acknowledged
+    is lost or doubled, and the old leader, resumed, sees the new owner of the leader key and
+    rejoins as the standby (Patroni's etcd v2 DCS: ha.py)."""
+    cluster = patroni_cluster(synchronous=True)
+    run = FailoverRun(cluster, services)
+    frozen: list[int] = []
+
+    def hang() -> str:
+        name, pids = run.freeze_leader()
+        frozen.extend(pids)
+        return name
+
+    _hung_leader_run(cluster, run, "freeze", hang, lambda: cluster.thaw(frozen), capsys)
+
+
+def test_a_partitioned_leader_costs_no_call_more_than_its_deadline_and_loses_no_acknowledged_end(patroni_cluster, services, capsys):
+    """The leader's PostgreSQL and patroni in a network namespace whose link is taken down (its
+    connections go silent, new ones find no route), then brought back: the same bounds."""
+    cluster = patroni_cluster(synchronous=True, isolated=True)
+    run = FailoverRun(cluster, services)
+    _hung_leader_run(cluster, run, "partition", run.partition_leader, cluster.heal, capsys)

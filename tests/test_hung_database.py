@@ -6,19 +6,22 @@ their own, retrying unknown outcomes with the same body, and a consumer follows 
 with long polls. Then it is resumed. What must hold:
 
 - no API call outlives REQUEST_TIMEOUT_SECONDS (8, the default) + 0.5 s, and no feed long poll
-  its wait + 8 + 0.5 s: the deadlines are enforced on the services' side of the socket;
+  its wait + 8 + 0.5 s (the pools' monitors find the server not answering within about 1.5 s
+  and cut the waits on it short; the deadlines bound what they do not see);
 - /health and /metrics of both services answer within 100 ms (p99) while the server hangs;
 - the first 2xx comes within 1 s of the server answering again, and the worker LISTENs again
   (its poll interval is 60 s here, so only LISTEN bills within the drain's time);
 - the ledger is exact: every acknowledged end billed once with the right total, nothing else,
   and the feed's consumer saw every entry once.
 
-The negative control is the same run with a deadline of 60 s: the calls in flight when the server
-froze wait for it, and the check of the first bullet must find them.
+Then a server that answers while the services' own sessions hang (those backends frozen, the
+monitors' not: a stuck disk read, a lock behind a frozen session), which only the deadline ends:
+no call over 8.5 s, nothing lost. Its negative control is the same with a deadline of 60 s: the
+calls in flight wait for the sessions, and the bound finds them.
 
-A second test freezes only the worker's session in the middle of a batch: the batch's deadline
-ends the worker's wait, it starts over, and when the session resumes and commits, every charge is
-still billed once.
+Last, only the worker's session frozen in the middle of a batch: the batch's deadline ends the
+worker's wait, it starts over, and when the session resumes and commits, every charge is still
+billed once.
 """
 
 from __future__ import annotations
@@ -113,19 +116,28 @@ class HungRun:
         self.feed = FeedFollower(self.worker.base_url)
         self.frozen_at = self.resumed_at = 0.0
 
-    def run(self, freeze_seconds: float) -> None:
+    def run(self, freeze_seconds: float, sessions_only: bool = False) -> None:
+        """Load, then the whole server frozen for freeze_seconds (``sessions_only``: only the
+        services' pooled sessions), then thawed."""
         self.load.start()
         self.probes.start()
         self.feed.start()
         time.sleep(2)
         self.frozen_at = time.monotonic()
-        pids = freeze(self.cluster.postmaster_pid())
+        pids = self._freeze_sessions() if sessions_only else freeze(self.cluster.postmaster_pid())
         try:
             time.sleep(freeze_seconds)
         finally:
             self.resumed_at = time.monotonic()
             thaw(pids)
         time.sleep(3)
+
+    def _freeze_sessions(self) -> list[int]:
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            pids = [r[0] for r in conn.execute(SERVICE_SESSIONS)]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        return pids
 
     def finish(self) -> dict:
         finished = self.load.stop(timeout=90)
@@ -203,14 +215,33 @@ def test_a_frozen_database_costs_no_call_more_than_its_deadline_and_loses_nothin
         assert_billed_exactly_once(conn, ended=ledger(conn)["ended"])
 
 
-def test_negative_control_without_a_deadline_calls_wait_for_the_frozen_server(cluster, services, capsys):
-    """A 60 s deadline: the calls in flight when the server froze last the whole freeze, which
-    the bound above catches."""
-    run = HungRun(cluster, services, request_timeout=60)
-    run.run(FREEZE_SECONDS)
+# The services' pooled sessions; not their monitors' (…-monitor) nor their LISTENs (…-listen).
+SERVICE_SESSIONS = "SELECT pid FROM pg_stat_activity WHERE application_name IN ('appointments', 'billing-worker')"
+
+
+def _sessions_frozen(cluster, services, request_timeout: float | None, capsys, title: str) -> dict:
+    run = HungRun(cluster, services, request_timeout=request_timeout)
+    run.run(FREEZE_SECONDS, sessions_only=True)
     figures = run.finish()
+    shown = ("longest_call_s", "calls_over_deadline", "first_2xx_after_resume_s", "requests", "lost", "wrong_total", "unexpected")
     with capsys.disabled():
-        print("\nnegative control (60 s deadline):", {k: figures[k] for k in ("longest_call_s", "calls_over_deadline", "requests", "lost")})
+        print(f"\n{title}:", {k: figures[k] for k in shown})
+    return figures
+
+
+def test_hung_sessions_on_an_answering_server_cost_no_call_more_than_its_deadline(cluster, services, capsys):
+    """The services' sessions frozen, the server answering their monitors: only the request
+    deadline ends the calls waiting on those sessions. None over 8.5 s; nothing lost."""
+    figures = _sessions_frozen(cluster, services, None, capsys, "services' sessions frozen")
+    assert figures["clients_finished"] and figures["ends_acknowledged"] > 0
+    assert figures["calls_over_deadline"] == 0 and figures["longest_call_s"] <= DEADLINE + 0.5, figures
+    assert figures["lost"] == figures["wrong_total"] == figures["unexpected"] == 0, figures
+
+
+def test_negative_control_without_a_deadline_calls_wait_for_the_hung_sessions(cluster, services, capsys):
+    """The same with a 60 s deadline: the calls in flight when the sessions froze last the whole
+    freeze, which the bound above catches."""
+    figures = _sessions_frozen(cluster, services, 60, capsys, "negative control (60 s deadline)")
     assert figures["calls_over_deadline"] > 0 and figures["longest_call_s"] >= FREEZE_SECONDS - 1, figures
     assert figures["lost"] == 0  # slow, not wrong
 
