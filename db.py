@@ -474,6 +474,7 @@ class DatabaseMonitor:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._attempts = 0
+        self._reused = False
         self._schema_seen: bool | None = None  # by the last probe that worked
         self._down_since = 0.0
 
@@ -543,29 +544,57 @@ class DatabaseMonitor:
             began = time.monotonic()
             self._attempts += 1
             try:
-                with within(self.TIMEOUT):
-                    if self._conn is None or self._conn.closed:
-                        # While it fails, every other attempt leaves out the hosts that just timed
-                        # out: after a frozen leader's failover, the new one is found at the next
-                        # turn instead of after waiting out the old one's connect timeout.
-                        skip = self._health.up is False and self._attempts % 2 == 0
-                        self._conn = self._pool.connect_unpooled(f"{self._pool.name}-monitor", skip_slow_hosts=skip)
-                    leader, schema = self._conn.execute(PROBE).fetchone()
-                    if not leader:
-                        raise psycopg.OperationalError("the server is in recovery (a standby): not the leader")
-                    if schema:
-                        for reading in self._readings:
-                            reading(self._conn)
-                health = Health(True, bool(schema), "ok" if schema else "the tables are missing; apply schema.sql", began)
-                self._schema_seen = bool(schema)
+                try:
+                    health = self._probe_once(began)
+                except psycopg.Error as exc:
+                    if isinstance(exc, DeadlineExceeded) or not self._reused:
+                        raise
+                    # A session of its own that ended (a terminated backend, an idle timeout)
+                    # says little about the server: once more, on a new connection.
+                    health = self._probe_once(began)
             except (DeadlineExceeded, psycopg.errors.ConnectionTimeout) as exc:
                 health = self._failed(began, f"the database does not answer ({str(exc).strip()})")
                 if self._health.up is not False:
                     self._pool.server_unresponsive()  # once, as it stops answering
             except psycopg.Error as exc:
                 health = self._failed(began, f"the database is unavailable ({exc.__class__.__name__}: {str(exc).strip()})")
+                if self._health.up is not False:
+                    self._pool.drain()  # its idle connections died with it (a restart)
             self._publish(health)
             return health
+
+    def _probe_once(self, began: float) -> Health:
+        with within(self.TIMEOUT):
+            self._reused = self._conn is not None and not self._conn.closed
+            if not self._reused:
+                # While it fails, every other attempt leaves out the hosts that just timed out:
+                # after a frozen leader's failover, the new one is found at the next turn
+                # instead of after waiting out the old one's connect timeout.
+                skip = self._health.up is False and self._attempts % 2 == 0
+                self._conn = self._pool.connect_unpooled(f"{self._pool.name}-monitor", skip_slow_hosts=skip)
+            try:
+                leader, schema = self._conn.execute(PROBE).fetchone()
+                if not leader:
+                    raise psycopg.OperationalError("the server is in recovery (a standby): not the leader")
+                if schema:
+                    self._read(self._conn)
+            except psycopg.Error:
+                self._conn.close()
+                self._conn = None
+                raise
+        self._schema_seen = bool(schema)
+        return Health(True, bool(schema), "ok" if schema else "the tables are missing; apply schema.sql", began)
+
+    def _read(self, conn: psycopg.Connection) -> None:
+        """The readings: one that fails (a grant missing after a bad deploy) is logged and left
+        stale, and does not make the server look down, unless the connection itself went."""
+        for reading in self._readings:
+            try:
+                reading(conn)
+            except psycopg.Error as exc:
+                if conn.closed or isinstance(exc, DeadlineExceeded):
+                    raise
+                log.warning("database_reading_failed", error=f"{exc.__class__.__name__}: {str(exc).strip()}")
 
     def _failed(self, began: float, detail: str) -> Health:
         if self._conn is not None:

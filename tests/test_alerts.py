@@ -73,12 +73,15 @@ def test_promtool_accepts_the_prometheus_config_and_its_rule_files(promtool):
 
 
 def test_the_config_scrapes_the_jobs_the_alerts_name_and_loads_the_rules():
-    """prometheus.yml loads alerts.yml and has the two jobs the rules match on, one target list each."""
+    """prometheus.yml loads alerts.yml and has the jobs the rules match on, one target list each:
+    both services, and the edge's HAProxy exporter on the port its config binds."""
     config = yaml.safe_load(CONFIG.read_text())
     assert config["rule_files"] == ["alerts.yml"]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert set(jobs) == {"clinic-appointments", "clinic-billing"}
-    assert [len(jobs[name]["static_configs"]) for name in sorted(jobs)] == [1, 1]
+    assert set(jobs) == {"clinic-appointments", "clinic-billing", "clinic-edge"}
+    assert [len(jobs[name]["static_configs"]) for name in sorted(jobs)] == [1, 1, 1]
+    edge_port = re.search(r'CLINIC_EDGE_METRICS_BIND-:(\d+)', (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text())[1]
+    assert jobs["clinic-edge"]["static_configs"][0]["targets"] == [f"edge:{edge_port}"]
     expressions = " ".join(rule["expr"] for rule in alert_rules())
     assert all(name in expressions for name in jobs)
 

@@ -4,8 +4,10 @@ The steps share one compose project and run in file order (pytest's default); on
 the later ones are skipped. It talks to the published ports on 127.0.0.1 only and inspects the
 database with `exec -T db psql`.
 
-    1. up -d --build; every healthcheck turns healthy; image checks (non-root, no compiler)
-    2. appointments started and ended over HTTP are billed, with the right totals
+    1. up -d --build; every healthcheck turns healthy; image checks (non-root, no compiler); the
+       API answers only through the edge (HAProxy), with a request id
+    2. appointments started and ended over HTTP are billed, with the right totals; then
+       --scale appointments=2: the edge finds the second replica and spreads requests over both
     3. stop billing-worker (exit 0 on SIGTERM); 50 ends stay pending; start it; all billed once
     4. --scale billing-worker=3 on a backlog while more ends arrive; still exactly once
     5. restart db: both services recover by themselves, nothing is lost; down + up on the
@@ -53,7 +55,7 @@ APPOINTMENTS_PORT, BILLING_PORT = 8080, 8081  # inside the containers
 # Every variable docker-compose.yml reads: taken out of the inherited environment (a developer's
 # shell must not change what the test runs) and set in the test's own env file.
 COMPOSE_VARS = re.compile(
-    r"POSTGRES_\w+|APPOINTMENTS_\w+|BILLING_\w+|HOURLY_RATE|APP_TIMEZONE|LOG_LEVEL|LOG_FORMAT|PUBLISH_IP"
+    r"POSTGRES_\w+|APPOINTMENTS_\w+|BILLING_\w+|HOURLY_RATE|APP_TIMEZONE|LOG_LEVEL|LOG_FORMAT|PUBLISH_IP|REQUEST_TIMEOUT_SECONDS"
     r"|CLINIC_\w+|COMPOSE_PROJECT_NAME|COMPOSE_FILE|COMPOSE_PROFILES"
 )
 CENTS = decimal.Decimal("0.01")
@@ -182,17 +184,24 @@ def test_compose_file_is_valid(tmp_path):
 
     config = yaml.safe_load(run([*example, "config"], env=clean_env(), timeout=60).stdout)
     services = config["services"]
-    assert set(services) == {"db", "migrate", "appointments", "billing-worker"}
+    assert set(services) == {"db", "migrate", "appointments", "edge", "billing-worker"}
     assert not any("container_name" in s for s in services.values()), "fixed names break --scale"
     assert "ports" not in services["db"], "the database is not published on the host"
     assert services["db"]["image"] == "postgres:15-bookworm"
     for name in ("migrate", "appointments", "billing-worker"):
         assert services[name]["image"] == services["appointments"]["image"], "one image for all"
         assert services[name].get("init") is True, name
-    for name in ("db", "appointments", "billing-worker"):
+    for name in ("db", "appointments", "edge", "billing-worker"):
         assert services[name]["healthcheck"]["test"], name
     assert services["billing-worker"]["restart"] == "unless-stopped"
-    assert "80" in json.dumps(services["appointments"]["ports"]), "appointments defaults to host port 80"
+    # The edge owns host port 80; the API is reached through it only (and so it scales).
+    assert "ports" not in services["appointments"]
+    assert services["edge"]["image"] == "haproxy:2.6-bookworm"
+    assert "80" in json.dumps(services["edge"]["ports"]), "the edge defaults to host port 80"
+    # compose v1 renders a volume as "source:target:mode", v2 as a mapping.
+    volumes = [v if isinstance(v, dict) else dict(zip(("source", "target"), v.split(":"))) for v in services["edge"]["volumes"]]
+    mounted = {v["target"]: v["source"] for v in volumes}
+    assert Path(mounted["/usr/local/etc/haproxy/haproxy.cfg"]) == ROOT / "deploy" / "haproxy" / "haproxy.cfg"
     assert "8081-8089" in json.dumps(services["billing-worker"]["ports"]), "a host port range per replica"
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "change-me" not in dockerfile and not re.search(r"^\s*(ENV|ARG)\b.*PASSWORD", dockerfile, re.M | re.I)
@@ -276,7 +285,7 @@ class Stack:
             out[c["Name"].lstrip("/")] = health if st["Running"] and health else f"{st['Status']}({st['ExitCode']})"
         return out
 
-    def wait_healthy(self, workers: int = 1, timeout: float = 120) -> None:
+    def wait_healthy(self, workers: int = 1, timeout: float = 120, apis: int = 1) -> None:
         def ok():
             cs = self.containers()
             by_service: dict[str, list[dict]] = {}
@@ -285,14 +294,15 @@ class Stack:
             healthy = lambda c: c["State"]["Running"] and c["State"].get("Health", {}).get("Status") == "healthy"  # noqa: E731
             return (
                 len(by_service.get("db", [])) == 1
-                and len(by_service.get("appointments", [])) == 1
+                and len(by_service.get("appointments", [])) == apis
+                and len(by_service.get("edge", [])) == 1
                 and len(by_service.get("billing-worker", [])) == workers
-                and all(healthy(c) for s in ("db", "appointments", "billing-worker") for c in by_service[s])
+                and all(healthy(c) for s in ("db", "appointments", "edge", "billing-worker") for c in by_service[s])
                 and all(c["State"]["Status"] == "exited" and c["State"]["ExitCode"] == 0 for c in by_service.get("migrate", []))
             )
 
         try:
-            wait_for(f"db, appointments and {workers} billing-worker(s) healthy", ok, timeout)
+            wait_for(f"db, {apis} appointments, edge and {workers} billing-worker(s) healthy", ok, timeout)
         except AssertionError as exc:
             raise AssertionError(f"{exc}; containers: {self.state()}") from None
 
@@ -456,9 +466,20 @@ def test_1_up_build_and_every_healthcheck_turns_healthy(stack):
     # The database is reachable from the services only: nothing published on the host.
     (db,) = stack.containers("db")
     assert not db["HostConfig"].get("PortBindings"), db["HostConfig"]["PortBindings"]
+    # The API only through the edge, which answers with a request id (the caller's, or its own)
+    # that the API logged, and with problem details of its own when the path is not the API's.
+    (api,) = stack.containers("appointments")
+    assert not api["HostConfig"].get("PortBindings"), api["HostConfig"]["PortBindings"]
+    (edge,) = stack.containers("edge")
+    assert edge["Config"]["User"] in ("haproxy", "99", "99:99"), edge["Config"]["User"]
+    mine = stack.http.get(f"{stack.api}/appointments/{uuid.uuid4()}", headers={"X-Request-ID": "through-the-edge"}, timeout=5)
+    assert mine.status_code == 404 and mine.headers["X-Request-ID"] == "through-the-edge", mine.headers
+    made = stack.http.get(f"{stack.api}/appointments/{uuid.uuid4()}", timeout=5)
+    assert made.json()["request_id"] == made.headers["X-Request-ID"]
+    wait_for("the API's log line of that request", lambda: '"request_id":"through-the-edge"' in stack.compose("logs", "--no-color", "appointments").stdout, 15)
 
 
-PHYSICIAN = {step_name: uuid.uuid4() for step_name in ("basic", "stopped", "scale", "scale_live", "restart", "reup")}
+PHYSICIAN = {step_name: uuid.uuid4() for step_name in ("basic", "two_apis", "stopped", "scale", "scale_live", "restart", "reup")}
 START = dt.datetime(2024, 3, 1, 8, 0, 0)
 
 
@@ -484,6 +505,30 @@ def test_2_ended_appointments_are_billed_with_the_right_totals(stack):
     assert requests.get(f"{stack.api}/appointments/{done[0]['id']}", timeout=5).status_code == 401
     logins = stack.psql("SELECT DISTINCT usename FROM pg_stat_activity WHERE application_name IN ('appointments', 'billing-worker') ORDER BY 1")
     assert logins == [["clinic_api"], ["clinic_worker"]], logins
+
+
+@step
+def test_2b_two_api_replicas_behind_the_edge_share_the_requests(stack):
+    """--scale appointments=2: the edge finds the new replica by Docker's DNS and sends it
+    requests; every request is answered; back to one replica, nothing is lost."""
+    stack.compose("up", "-d", "--scale", "appointments=2", timeout=300)
+    stack.wait_healthy(workers=1, apis=2, timeout=120)
+    ids = {c["Id"] for c in stack.containers("appointments")}
+
+    def served_by_both():
+        done = [stack.start_and_end(PHYSICIAN["two_apis"], START + dt.timedelta(minutes=i), 60) for i in range(10)]
+        served.extend(done)
+        counts = {
+            c: run(["docker", "logs", c], timeout=60).stderr.count('"route":"/appointments/{appointment_id}/end"') for c in ids
+        }
+        return all(counts.values())
+
+    served: list[dict] = []
+    wait_for("both API replicas to serve ends through the edge", served_by_both, 60, interval=0)
+    stack.assert_billed_exactly_once(PHYSICIAN["two_apis"], served, timeout=60)
+    stack.compose("up", "-d", "--scale", "appointments=1", timeout=300)
+    stack.wait_healthy(workers=1, apis=1, timeout=120)
+    assert stack.http.get(f"{stack.api}/ready", timeout=5).status_code == 200
 
 
 @step
@@ -575,7 +620,7 @@ def test_5_after_a_database_restart_both_services_recover_and_nothing_is_lost(st
         return int(appointments), int(queued), int(entries)
 
     before = totals()
-    assert before[0] == before[1] == before[2] == 7 + 50 + 150 + 150
+    assert before[0] == before[1] == before[2] == 7 + len(stack.billing(PHYSICIAN["two_apis"])) + 50 + 150 + 150
     services = {c["Id"]: (c["State"]["StartedAt"], c["RestartCount"]) for s in ("appointments", "billing-worker") for c in stack.containers(s)}
 
     stack.compose("restart", "db")

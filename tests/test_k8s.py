@@ -1,6 +1,8 @@
 """deploy/k8s: the Kubernetes manifests, rendered and checked offline (no cluster, no network).
 
-`kubectl kustomize deploy/k8s` renders them (kubectl's own kustomize needs no cluster).
+`kubectl kustomize deploy` renders them (kubectl's own kustomize needs no cluster; the
+kustomization sits in deploy/ so that it can read deploy/haproxy/haproxy.cfg for the API pods'
+edge).
 kubernetes-validate checks every core object in strict mode, where an unknown field is an
 error, against the schemas of KUBERNETES_VERSION. It has no schema for CloudNativePG's Cluster,
 so that one is checked against the fields that CloudNativePG's API reference lists (CNPG_CLUSTER).
@@ -33,7 +35,8 @@ import billing_worker
 import db
 
 ROOT = Path(__file__).resolve().parent.parent
-K8S_DIR = ROOT / "deploy" / "k8s"
+KUSTOMIZATION_DIR = ROOT / "deploy"
+EDGE_CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 DEPLOY_GUIDE = ROOT / "docs" / "deploy.md"
 REQUIRED = os.environ.get("REQUIRE_KUBECTL") == "1"
 
@@ -43,10 +46,11 @@ NAMESPACE = "clinic-billing"
 CNPG_API = "postgresql.cnpg.io/v1"
 
 API, WORKER, MIGRATE, CLUSTER = "clinic-api", "clinic-billing-worker", "clinic-billing-migrate", "clinic-db"
-# Each Deployment: its Service, its port (config.py's variable for it), its database role.
+# Each Deployment: its Service, its process's port and that port's name (config.py's variable for
+# it), its database role. The API's Service goes to the edge in front of it, whose port is `http`.
 SERVICES = {
-    API: {"service": "clinic-api", "port": 8080, "port_variable": "APPOINTMENTS_PORT", "role": "clinic_api"},
-    WORKER: {"service": "clinic-billing", "port": 8081, "port_variable": "BILLING_PORT", "role": "clinic_worker"},
+    API: {"service": "clinic-api", "port": 8080, "port_name": "api", "port_variable": "APPOINTMENTS_PORT", "role": "clinic_api"},
+    WORKER: {"service": "clinic-billing", "port": 8081, "port_name": "http", "port_variable": "BILLING_PORT", "role": "clinic_worker"},
 }
 
 # How long each service may take from SIGTERM to exit, from the code that decides it.
@@ -189,11 +193,11 @@ def cnpg_errors(value, kind, path: str = "") -> list[str]:
 def rendered() -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        reason = "kubectl is not on PATH (it renders deploy/k8s with its built-in kustomize)"
+        reason = "kubectl is not on PATH (it renders deploy with its built-in kustomize)"
         if REQUIRED:
             pytest.fail(f"{reason} (REQUIRE_KUBECTL=1, so this is a failure, not a skip)", pytrace=False)
         pytest.skip(reason)
-    cmd = [kubectl, "kustomize", str(K8S_DIR)]
+    cmd = [kubectl, "kustomize", str(KUSTOMIZATION_DIR)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, f"`{' '.join(cmd)}` exited {proc.returncode}\n{proc.stderr}"
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
@@ -262,6 +266,7 @@ def test_kustomize_renders_every_object_into_the_namespace_and_no_secret(rendere
         ("PodDisruptionBudget", WORKER),
         ("Job", MIGRATE),
         ("ConfigMap", "clinic-billing-config-<hash>"),
+        ("ConfigMap", "clinic-edge-config-<hash>"),
         ("Cluster", CLUSTER),
     }
     assert {o["metadata"].get("namespace") for o in rendered} == {NAMESPACE}
@@ -355,14 +360,16 @@ def test_the_worker_runs_two_replicas(rendered):
 
 @pytest.mark.parametrize("name", [API, WORKER])
 def test_probes_ask_health_for_liveness_and_ready_for_readiness_on_the_service_port(rendered, name):
-    """Liveness on /health (no database), readiness on /ready, on the port the service listens on."""
+    """Liveness on /health (no database), readiness on /ready, on the port the process listens
+    on (for the API, its own port, not the edge's: probes are never queued or shed)."""
     deployment = find(rendered, "Deployment", name)
     c = container(deployment)
+    port_name = SERVICES[name]["port_name"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"http": SERVICES[name]["port"]}
+    assert ports == {port_name: SERVICES[name]["port"]}
     assert env(deployment)[SERVICES[name]["port_variable"]]["value"] == str(SERVICES[name]["port"])
-    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": port_name}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": port_name}
 
 
 def test_every_container_requests_cpu_and_memory_and_has_a_memory_limit(rendered):
@@ -436,12 +443,67 @@ def test_pods_spread_across_nodes(rendered, name):
 
 @pytest.mark.parametrize("name", [API, WORKER])
 def test_each_service_selects_its_deployments_pods_and_port(rendered, name):
-    """The Service's selector matches its Deployment's pods only; it targets the named port."""
+    """The Service's selector matches its Deployment's pods only; it targets the named port,
+    which for the API is the edge's, in front of it."""
     service = find(rendered, "Service", SERVICES[name]["service"])["spec"]
-    assert selects(service["selector"], pod_labels(find(rendered, "Deployment", name)))
+    deployment = find(rendered, "Deployment", name)
+    assert selects(service["selector"], pod_labels(deployment))
     others = [o for o in workloads(rendered) if o["metadata"]["name"] != name]
     assert not [o["metadata"]["name"] for o in others if selects(service["selector"], pod_labels(o))]
     assert [p["targetPort"] for p in service["ports"]] == ["http"]
+    owners = [c["name"] for c in all_containers(deployment) for p in c.get("ports", []) if p["name"] == "http"]
+    assert owners == (["edge"] if name == API else ["worker"]), owners
+
+
+def all_containers(obj: dict) -> list[dict]:
+    spec = pod_spec(obj)
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The edge beside the API.
+
+
+def edge(rendered) -> dict:
+    (sidecar,) = pod_spec(find(rendered, "Deployment", API))["initContainers"]
+    return sidecar
+
+
+def test_the_api_pod_runs_the_edge_as_a_native_sidecar_with_the_repositorys_config(rendered):
+    """HAProxy 2.6 as an init container that keeps running (restartPolicy Always: up before the
+    API, stopped after it), with deploy/haproxy/haproxy.cfg exactly, in front of the API's port."""
+    sidecar = edge(rendered)
+    assert sidecar["name"] == "edge" and sidecar["restartPolicy"] == "Always"
+    assert sidecar["image"] == "haproxy:2.6-bookworm"
+    mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
+    assert mounts["/usr/local/etc/haproxy"]["readOnly"] is True
+    volumes = {v["name"]: v for v in pod_spec(find(rendered, "Deployment", API))["volumes"]}
+    config_map = volumes[mounts["/usr/local/etc/haproxy"]["name"]]["configMap"]["name"]
+    (rendered_config,) = [o for o in rendered if o["kind"] == "ConfigMap" and o["metadata"]["name"] == config_map]
+    assert rendered_config["data"] == {"haproxy.cfg": EDGE_CONFIG.read_text()}
+    variables = {e["name"]: e["value"] for e in sidecar["env"]}
+    api_port = SERVICES[API]["port"]
+    assert variables["CLINIC_API_SERVERS"] == f"127.0.0.1:{api_port}"
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert variables["CLINIC_EDGE_BIND"] == f":{ports['http']}" and variables["CLINIC_EDGE_METRICS_BIND"] == f":{ports['edge-metrics']}"
+    assert all(port > 1024 for port in ports.values()), "the image's user binds no port under 1024"
+    assert "CLINIC_EDGE_BIND" in EDGE_CONFIG.read_text() and "CLINIC_API_SERVERS" in EDGE_CONFIG.read_text()
+
+
+def test_the_edge_runs_unprivileged_read_only_with_its_resources_and_probes(rendered):
+    """The image's own user (99), read-only root with /tmp for its socket, no capability; CPU
+    and memory requested, memory limited; its probes on its metrics port."""
+    sidecar = edge(rendered)
+    context = sidecar["securityContext"]
+    assert (context["runAsUser"], context["runAsGroup"], context["runAsNonRoot"]) == (99, 99, True)
+    assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    socket_dir = {e["name"]: e["value"] for e in sidecar["env"]}["CLINIC_EDGE_ADMIN_SOCKET"].rsplit("/", 1)[0]
+    volumes = {v["name"]: v for v in pod_spec(find(rendered, "Deployment", API))["volumes"]}
+    assert "emptyDir" in volumes[{m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}[socket_dir]]
+    assert {"cpu", "memory"} <= set(sidecar["resources"]["requests"]) and "memory" in sidecar["resources"]["limits"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert sidecar[probe]["httpGet"] == {"path": "/metrics", "port": "edge-metrics"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,8 +560,8 @@ def test_no_secret_value_is_written_into_a_manifest(rendered):
         assert "API_TOKENS" not in env(obj), f"{name}: tokens come from a mounted Secret (API_TOKENS_FILE)"
         for source in container(obj).get("envFrom", []):
             assert set(source) == {"configMapRef"}, f"{name}: envFrom {source}"
-    (config,) = [o for o in rendered if o["kind"] == "ConfigMap"]
-    assert not [key for key in config["data"] if secretish.search(key)]
+    for config in (o for o in rendered if o["kind"] == "ConfigMap"):
+        assert not [key for key in config["data"] if secretish.search(key)]
 
 
 @pytest.mark.parametrize("name", [API, WORKER])
