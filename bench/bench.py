@@ -1,17 +1,18 @@
 """make bench: every figure of the service next to this machine's own ceiling for it, measured in the same run (issue 11).
 
-    make bench            # .venv/bin/python bench/bench.py, after installing wrk when it is missing
-    make bench-smoke      # the same with --smoke: tiny sizes, the whole harness in well under a minute
+    make bench            # .venv/bin/python bench/bench.py, after installing wrk and haproxy when missing
+    make bench-smoke      # the same with --smoke: tiny sizes, the whole harness in about a minute
     .venv/bin/python bench/bench.py [--seconds 4] [--connections 4,16,64] [--backlog 100000]
-        [--e2c-rates 200,500] [--e2c-seconds 10] [--soak-requests 500000] [--budget-seconds 570]
-        [--out FILE] [--smoke]
+        [--e2c-rates 200,500] [--e2c-seconds 10] [--soak-requests 500000] [--budget-seconds 660]
+        [--overload-connections 16,256,1000,4000] [--freeze-seconds 12] [--out FILE] [--smoke]
 
 This file owns the harness; bench/bench_*.lua are its wrk scripts and bench/ceiling_app.py the
 app of the framework ceiling and of the design floor. Processes, wrk runs and tables come from
-bench/capacity.py, the cluster and the ledger check from tests/support.py. Needs wrk, pgbench and
-the PostgreSQL server binaries (Debian: wrk, and postgresql-15 with its client). Takes about 9
-minutes on 2 cores (the soak's 500,000 requests are more than half of it; --budget-seconds keeps
-the whole under 9.5 minutes, see 6); --smoke takes about 40 s. The table ends with the run's wall
+bench/capacity.py, the cluster, the edge, the load client and the ledger check from
+tests/support.py. Needs wrk, pgbench, haproxy and the PostgreSQL server binaries (Debian: wrk,
+haproxy, and postgresql-15 with its client). Takes about 10 minutes on 2 cores (the soak's 500,000
+requests are half of it; --budget-seconds keeps the whole under 11 minutes, see 6); --smoke takes
+about a minute. The table ends with the run's wall
 time and each part's.
 
 What it runs, as a user would: a PostgreSQL cluster of its own (initdb in a temporary directory,
@@ -60,8 +61,21 @@ Sections, as issue 11 numbers them:
    request); then the "fast" mix makes up the count at about twice the rate: 1 in 20
    POST /appointments, of the rest 1 in 3 GET /appointments/{id} and 2 in 3 GET /health. RSS is
    read after each part. Should the run otherwise end later than --budget-seconds after it
-   began (a reserve for sections 3 and 5 taken off, RESERVE_AFTER_SOAK_SECONDS), the fast part
+   began (a reserve for sections 3, 5, 7 and 8 taken off, RESERVE_AFTER_SOAK_SECONDS), the fast part
    stops there: the table's row says the count reached, the JSON stopped_by_budget.
+
+7. Overload: POST /appointments (bench_overload.lua, server-made ids) at each
+   --overload-connections, straight at a fresh API process and through the edge in front of it
+   (HAProxy with deploy/haproxy/haproxy.cfg, support.Edge): goodput (2xx a second) against the
+   same path's at 16 connections, 503s a second, p50/p99/max over every answer, answers that
+   were not 2xx or a 503 with Retry-After, closed connections and socket errors; meanwhile the
+   process's /health, /ready and /metrics every 50 ms (their p99); and the CPU the edge and the
+   API spend per request at 16 connections.
+8. Hung database: a fresh API and worker on a database of their own, 8 clients starting and
+   ending appointments with their own ids and retrying unknown outcomes (support.Load); then the
+   whole server frozen (SIGSTOP) for --freeze-seconds and thawed: the longest call against
+   REQUEST_TIMEOUT_SECONDS, the probes' p99 while frozen, the first 2xx after the thaw, and the
+   ledger against what the clients were told.
 
 Prints one table (value, ceiling, ratio, target from issue 11, PASS or MISS) and writes it with
 every raw figure and the machine's facts to bench/results/bench-<UTC yyyymmdd-hhmmss>.json (a
@@ -73,6 +87,7 @@ stops them (setpriv --pdeathsig; the cluster's postmaster gets SIGQUIT); the clu
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -107,9 +122,9 @@ import billing_worker  # noqa: E402
 import capacity  # noqa: E402
 import config  # noqa: E402
 import web  # noqa: E402
-from capacity import WRK_THREADS, Processes, fmt_table, free_port, run_wrk, say, tail, wait_http, write_open_appointments  # noqa: E402
+from capacity import WRK_THREADS, Processes, fmt_table, free_port, process_cpu, run_wrk, say, tail, wait_http, write_open_appointments  # noqa: E402
 from db import apply_schema  # noqa: E402
-from support import SERVICE_VARS, TempCluster, create_database, drop_database, ledger  # noqa: E402
+from support import OVERLOAD_LUA, SERVICE_VARS, Edge, Load, Probes, TempCluster, children, create_database, drop_database, expected_price, freeze, ledger, thaw  # noqa: E402
 
 CEILING_APP = BENCH / "ceiling_app.py"
 START_LUA = BENCH / "capacity_start.lua"  # POST /appointments; wrk adds the -H Authorization to it
@@ -126,9 +141,10 @@ SOAK_CONNECTIONS = 16
 # The soak's share of ends until the backlog is made (bench_soak.lua's "ends" mix); afterwards
 # the "fast" mix, about twice the rate, makes up --soak-requests (soak_phases()).
 SOAK_ENDS_SHARE = 0.9
-# What sections 3 and 5 take after the soak, per 100,000 charges of backlog, and a fixed part: the
-# soak's fast part stops where the run would otherwise end later than --budget-seconds.
-RESERVE_AFTER_SOAK_SECONDS = (10, 50)
+# What sections 3, 5, 7 and 8 take after the soak: a fixed part (7 and 8 are most of it), and so
+# much per 100,000 charges of backlog: the soak's fast part stops where the run would otherwise end later
+# than --budget-seconds.
+RESERVE_AFTER_SOAK_SECONDS = (85, 50)  # (fixed, per 100,000 charges)
 INTERFERENCE_CONNECTIONS = 16
 STARTUP_RUNS = 3  # `--once` on an empty queue, for the worker's start-up (their median)
 MIN_NET_DRAIN_SECONDS = 1.0  # below it, a drain's rate comes from the batch log lines (drains())
@@ -149,6 +165,12 @@ TARGET_POLL_MARGIN_S = 1.0
 TARGET_INTERFERENCE = 1.5
 TARGET_PEAK_RSS_MB = 40
 TARGET_RSS_GROWTH_MB = 2
+# Overload and a hung database (same run, ratios of goodput to the same path's at 16 connections).
+TARGET_GOODPUT_VS_16 = {256: 0.8, 1000: 0.8, 4000: 0.5}
+TARGET_OVERLOAD_P99_MS = 500
+TARGET_PROBE_P99_MS = 100
+TARGET_DEADLINE_MARGIN_S = 0.5
+TARGET_FIRST_2XX_AFTER_THAW_S = 1.0
 
 # ---------------------------------------------------------------------------------------------
 # SQL of the harness itself (the service's own is read from its modules: PGBENCH_SCRIPTS).
@@ -1228,6 +1250,44 @@ def table_rows(report: dict) -> list[Row]:
     growth = m["rss_growth_mb"]
     rows.append(Row(6, f"API RSS growth MB, {soak_['baseline_requests']:,} -> {soak_['total_requests']:,} requests", growth,
                     f"{growth:+.1f}", "no growth", 0.0, "0.0", target=f"<= {TARGET_RSS_GROWTH_MB} MB", ok=growth <= TARGET_RSS_GROWTH_MB))
+    o = s["7_overload"]
+    for mode in ("direct", "edge"):
+        cells = {c["connections"]: c for c in o["modes"][mode]["cells"]}
+        base = cells[16]["goodput"]
+        for c, cell in cells.items():
+            want = TARGET_GOODPUT_VS_16.get(c) if mode == "edge" else None
+            rows.append(Row(7, f"{mode} c={c} goodput 2xx/s (503/s {cell['shed_per_second']:,.0f})", cell["goodput"], f"{cell['goodput']:,.0f}",
+                            f"{mode} c=16", base, f"{base:,.0f}", target=f">= {want}x c=16" if want else "-",
+                            ok=cell["goodput"] >= want * base if want else None))
+            bad = cell["not_2xx_or_503"] + cell["503_without_retry_after"] + cell["closed_connections"] + cell["socket_errors"]
+            judged = mode == "edge"
+            rows.append(Row(7, f"{mode} c={c} p50/p99/max ms; answers not 2xx or 503+Retry-After, closed, socket errors",
+                            cell["p99_ms"], f"{cell['p50_ms']:.0f}/{cell['p99_ms']:.0f}/{cell['max_ms']:.0f}; {bad}",
+                            target=f"p99 <= {TARGET_OVERLOAD_P99_MS} ms, 0" if judged else "-",
+                            ok=cell["p99_ms"] <= TARGET_OVERLOAD_P99_MS and bad == 0 if judged else None))
+        for path, row in o["modes"][mode]["probes"].items():
+            rows.append(Row(7, f"{mode}: the API's {path} p99 ms (max) throughout", row["p99_ms"], f"{row['p99_ms']} ({row['max_ms']})",
+                            target=f"<= {TARGET_PROBE_P99_MS} ms" if mode == "edge" else "-",
+                            ok=row["p99_ms"] is not None and row["p99_ms"] <= TARGET_PROBE_P99_MS and not row["not_200"] if mode == "edge" else None))
+    edge16 = {c["connections"]: c for c in o["modes"]["edge"]["cells"]}[16]
+    if "edge_cpu_us_per_request" in edge16:
+        rows.append(Row(7, "CPU per request at c=16, edge µs", edge16["edge_cpu_us_per_request"], f"{edge16['edge_cpu_us_per_request']:.0f}",
+                        "API", edge16["api_cpu_us_per_request"], f"{edge16['api_cpu_us_per_request']:.0f}"))
+    h = s["8_hung_database"]
+    limit = h["request_timeout_seconds"] + TARGET_DEADLINE_MARGIN_S
+    rows.append(Row(8, f"frozen {h['freeze_seconds']:g} s: longest call s ({h['calls']:,} calls)", h["longest_call_s"], f"{h['longest_call_s']:.2f}",
+                    "deadline", h["request_timeout_seconds"], f"{h['request_timeout_seconds']:g}", target=f"<= {limit:g} s", ok=h["longest_call_s"] <= limit))
+    for service, paths in h["probes_while_frozen"].items():
+        for path, row in paths.items():
+            rows.append(Row(8, f"frozen: {service} {path} p99 ms (max)", row["p99_ms"], f"{row['p99_ms']} ({row['max_ms']})",
+                            target=f"<= {TARGET_PROBE_P99_MS} ms",
+                            ok=row["p99_ms"] is not None and row["p99_ms"] <= TARGET_PROBE_P99_MS and not row["not_200"]))
+    first = h["first_2xx_after_thaw_s"]
+    rows.append(Row(8, "first 2xx after the thaw s", first, "none" if first is None else f"{first:.2f}",
+                    target=f"<= {TARGET_FIRST_2XX_AFTER_THAW_S:g} s", ok=first is not None and first <= TARGET_FIRST_2XX_AFTER_THAW_S))
+    wrong = h["lost"] + h["wrong_total"] + h["unexpected"]
+    rows.append(Row(8, f"acknowledged ends billed once ({h['ends_acknowledged']:,}); lost, wrong or unexpected", wrong, str(wrong),
+                    target="0", ok=wrong == 0 and h["clients_finished"]))
     return rows
 
 
@@ -1251,6 +1311,120 @@ def memory_summary(run: Run, report: dict, ceiling_peak_kb: int | None) -> None:
         m["processes"][kind] = len(peaks)
     soak_ = m["soak"]
     m["rss_growth_mb"] = round((soak_["phases"][-1]["rss_kb_after"] - soak_["baseline_rss_kb"]) / 1024, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7 and 8: overload, and a database that hangs
+
+
+def edge_cpu(edge: Edge) -> float:
+    """CPU seconds of HAProxy: its master (-W) and the worker that serves."""
+    return sum(process_cpu(pid) or 0.0 for pid in (edge.popen.pid, *children(edge.popen.pid)))
+
+
+def overload_cell(run: Run, url: str, connections: int, warmup: bool = True) -> dict:
+    """A warm-up, then the measured run of bench_overload.lua (capacity.run_wrk: -t2, --timeout 10s)."""
+    if warmup and run.args.warmup:
+        run_wrk(run.processes, run.work_dir, OVERLOAD_LUA, url, connections, run.args.warmup, run.auth)
+    wrk = run_wrk(run.processes, run.work_dir, OVERLOAD_LUA, url, connections, run.args.seconds, run.auth)
+    seconds = wrk["duration_us"] / 1e6
+    return {
+        "connections": connections,
+        "goodput": round(wrk["ok"] / seconds, 1),
+        "shed_per_second": round(wrk["shed"] / seconds, 1),
+        "p50_ms": wrk["p50_us"] / 1000, "p99_ms": wrk["p99_us"] / 1000, "max_ms": wrk["max_us"] / 1000,
+        "not_2xx_or_503": wrk["other"], "503_without_retry_after": wrk["no_retry"], "without_request_id": wrk["no_id"],
+        "closed_connections": wrk["closed"],
+        "socket_errors": wrk["errors_connect"] + wrk["errors_read"] + wrk["errors_write"] + wrk["errors_timeout"],
+        "requests": wrk["requests"],
+    }
+
+
+def overload(run: Run, report: dict) -> None:
+    """Section 7: each --overload-connections straight at a fresh API process, then through the
+    edge in front of it, the probes read meanwhile."""
+    api, base = run.start_api("api-overload", "bench")
+    section: dict = {"connections": run.args.overload_connections, "modes": {}}
+    try:
+        with Edge(base, run.work_dir) as edge:
+            section["edge_settings"] = {k: v for k, v in edge.env.items() if k.startswith("CLINIC_")}
+            for mode, url in (("direct", base), ("edge", edge.url)):
+                probes = Probes([base])
+                probes.start()
+                cells = []
+                try:
+                    for connections in run.args.overload_connections:
+                        if run.args.warmup:
+                            run_wrk(run.processes, run.work_dir, OVERLOAD_LUA, url + "/appointments", connections, run.args.warmup, run.auth)
+                        cpu = {"api": process_cpu(api.pid), "edge": edge_cpu(edge) if mode == "edge" else None}
+                        cell = overload_cell(run, url + "/appointments", connections, warmup=False)
+                        if connections == 16:  # what each spends per request at the base load
+                            cell["api_cpu_us_per_request"] = round(1e6 * (process_cpu(api.pid) - cpu["api"]) / cell["requests"], 1)
+                            if cpu["edge"] is not None:
+                                cell["edge_cpu_us_per_request"] = round(1e6 * (edge_cpu(edge) - cpu["edge"]) / cell["requests"], 1)
+                        cells.append(cell)
+                finally:
+                    probes.stop()
+                section["modes"][mode] = {"cells": cells, "probes": probes.summary()[base]}
+    finally:
+        run.retire("api-overload", "api-overload", api)  # not in section 6's peak: thousands of connections
+    report["sections"]["7_overload"] = section
+
+
+def hung_database(run: Run, report: dict) -> None:
+    """Section 8: the server frozen under load for --freeze-seconds, then thawed."""
+    run.create_database("hung")
+    api, base = run.start_api("api-hung", "hung")
+    worker, port = run.start_worker("worker-hung", "hung")
+    worker_base = f"http://127.0.0.1:{port}"
+    wait_http(worker_base + "/ready", worker)
+    load = Load(base, seed=8, clients=8, timeout=(2, 60), headers={"Authorization": f"Bearer {run.token}"})
+    probes = Probes([base, worker_base], paths=("/health", "/metrics"))
+    try:
+        load.start()
+        probes.start()
+        time.sleep(2)
+        frozen_at = time.monotonic()
+        pids = freeze(run.cluster.postmaster_pid())
+        try:
+            time.sleep(run.args.freeze_seconds)
+        finally:
+            thawed_at = time.monotonic()
+            thaw(pids)
+            # runuser, the postmaster's parent here, stopped itself when its child stopped (su's
+            # job control) and stays stopped until told to go on.
+            run.cluster.process.send_signal(signal.SIGCONT)
+        time.sleep(3)
+        finished = load.stop(timeout=90)
+        probes.stop()
+        with psycopg.connect(run.url("hung"), autocommit=True) as conn:
+            wait_drained(conn, 60, "the hung section's charges")
+            billed = {r[0]: r[1] for r in conn.execute("SELECT appointment_id::text, total_price FROM billing_entries")}
+            count = ledger(conn)
+    finally:
+        run.retire("worker-hung", "worker-hung", worker)
+        run.retire("api-hung", "api-hung", api)
+    with load.lock:
+        attempts = list(load.attempts)
+    acked = [a for a in load.appointments.values() if a.end_acked]
+    longest = max((a.done - a.sent for a in attempts), default=0.0)
+    after = [a.done for a in attempts if a.outcome == "acked" and a.done >= thawed_at]
+    probes_frozen = probes.summary(frozen_at, thawed_at)
+    report["sections"]["8_hung_database"] = {
+        "freeze_seconds": run.args.freeze_seconds,
+        "request_timeout_seconds": config.Config.request_timeout,
+        "clients_finished": finished,
+        "calls": len(attempts),
+        "outcomes": dict(collections.Counter(f"{a.kind}_{a.outcome}" for a in attempts)),
+        "longest_call_s": round(longest, 2),
+        "first_2xx_after_thaw_s": round(min(after) - thawed_at, 3) if after else None,
+        "probes_while_frozen": {"api": probes_frozen[base], "worker": probes_frozen[worker_base]},
+        "ends_acknowledged": len(acked),
+        "lost": sum(1 for a in acked if a.id not in billed),
+        "wrong_total": sum(1 for a in acked if a.id in billed and billed[a.id] != expected_price(a.minutes)),
+        "unexpected": sum(1 for i in billed if i not in load.appointments or not load.appointments[i].end_sent),
+        "ledger": count,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1347,6 +1521,14 @@ def execute(run: Run, report: dict) -> None:
         say("5. interference")
         interference(run, report, charges)
 
+    with run.timed("7. overload"):
+        say("7. overload, straight at the API and through the edge")
+        overload(run, report)
+
+    with run.timed("8. hung database"):
+        say("8. hung database")
+        hung_database(run, report)
+
     with run.timed("6. memory floor"):
         memory_summary(run, report, ceiling_peak_kb)
 
@@ -1362,12 +1544,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--e2c-ceiling-seconds", type=float, default=5, help="seconds of each run of section 4's ceiling (default 5)")
     parser.add_argument("--poll-seconds", type=float, help="BILLING_POLL_SECONDS of the polling-only worker (default: the worker's own, 10)")
     parser.add_argument("--soak-requests", type=int, default=500_000, help="requests of the soak, section 6 (default 500,000, issue 11's count)")
-    parser.add_argument("--budget-seconds", type=float, default=570,
-                        help="the soak's fast part stops early should the run otherwise take longer than this (default 570: 9.5 minutes; "
+    parser.add_argument("--budget-seconds", type=float, default=660,
+                        help="the soak's fast part stops early should the run otherwise take longer than this (default 660: 11 minutes; "
                              "the table says the count reached); 0: no limit")
     parser.add_argument("--soak-baseline", type=int, default=10_000, help="requests after which the soak's first RSS is read (default 10,000)")
+    parser.add_argument("--overload-connections", default="16,256,1000,4000",
+                        help="wrk connections of section 7, straight and through the edge (default 16,256,1000,4000; 16 is the ratios' base)")
+    parser.add_argument("--freeze-seconds", type=float, default=12, help="how long section 8 freezes the server (default 12)")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes (1 s cells, 16 connections, backlog 2,000, soak 4,000, polling every 1 s): the harness runs, its figures mean little")
+                        help="tiny sizes (1 s cells, 16 connections, backlog 2,000, soak 4,000, polling every 1 s, overload at 16 and 256, "
+                             "a 3 s freeze): the harness runs, its figures mean little")
     parser.add_argument("--out", help="the JSON file (default bench/results/bench-<UTC yyyymmdd-hhmmss>.json)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (services' logs, wrk output)")
     parser.add_argument("--bare-worker", metavar="URL", help=argparse.SUPPRESS)  # section 4's ceiling, run by the harness
@@ -1376,16 +1562,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.seconds, args.warmup, args.connections, args.backlog = 1, 0, "16", 2_000
         args.e2c_seconds, args.e2c_ceiling_seconds, args.poll_seconds = 1, 1, args.poll_seconds or 1.0
         args.soak_requests, args.soak_baseline = 4_000, 1_000
+        args.overload_connections, args.freeze_seconds = "16,256", 3
     args.connections = [int(x) for x in args.connections.split(",")]
+    args.overload_connections = [int(x) for x in args.overload_connections.split(",")]
+    if 16 not in args.overload_connections:
+        parser.error("--overload-connections: 16 must be one of them (the ratios' base)")
     args.e2c_rates = [int(x) for x in args.e2c_rates.split(",")]
     if any(c < WRK_THREADS for c in args.connections):
         parser.error(f"--connections: at least {WRK_THREADS} (wrk's threads)")
     if args.soak_requests < args.backlog + args.soak_baseline:
         parser.error("--soak-requests must cover --backlog (the soak makes the backlog's ends) and --soak-baseline")
     if not args.bare_worker:
-        for tool in ("wrk", "pgbench", "setpriv"):
+        for tool in ("wrk", "pgbench", "setpriv", "haproxy"):
             if shutil.which(tool) is None:
-                parser.error(f"{tool} is not on the PATH (Debian: apt-get install wrk postgresql-client util-linux; make bench installs wrk)")
+                parser.error(f"{tool} is not on the PATH (Debian: apt-get install wrk postgresql-client util-linux haproxy; make bench installs wrk and haproxy)")
     return args
 
 

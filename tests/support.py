@@ -392,7 +392,7 @@ class Load(threading.Thread):
     (no answer, a 503) with the same body, as a careful client does. Every attempt is recorded,
     so that a test can count what was acknowledged against the ledger, and time each call."""
 
-    def __init__(self, api_url: str, seed: int, clients: int = 4, timeout: tuple[float, float] = (2, 10)):
+    def __init__(self, api_url: str, seed: int, clients: int = 4, timeout: tuple[float, float] = (2, 10), headers: dict | None = None):
         super().__init__(daemon=True)
         self.api_url = api_url
         self.seed = seed
@@ -402,6 +402,7 @@ class Load(threading.Thread):
         self.attempts: list[Attempt] = []
         self.bad_responses: list[str] = []
         self.timeout = timeout
+        self.headers = headers or {}
         self.clients = [threading.Thread(target=self._client, args=(random.Random(seed + i),), daemon=True) for i in range(clients)]
 
     def run(self) -> None:
@@ -422,6 +423,7 @@ class Load(threading.Thread):
 
     def _client(self, rng: random.Random) -> None:
         session = requests.Session()
+        session.headers.update(self.headers)
         while not self.halt.is_set():
             appointment = Appointment(id=str(uuid.uuid4()), minutes=rng.randint(1, 180))
             start = BASE_START + dt.timedelta(minutes=rng.randint(0, 500_000))

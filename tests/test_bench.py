@@ -1,9 +1,10 @@
 """The benchmark harness (bench/bench.py, `make bench`) cannot silently rot: its smoke run, in CI.
 
-The smoke runs every section at tiny sizes (about 40 s) on a cluster of its own; its figures mean
-little, so nothing here judges them, only that each is there, numeric and next to its ceiling, and
-that the ledger checks it ran found every charge billed exactly once. Without wrk (Debian's
-package) it is skipped, unless REQUIRE_WRK=1 (CI), which makes that a failure. How the soak is cut
+The smoke runs every section at tiny sizes (about a minute) on a cluster of its own; its figures
+mean little, so nothing here judges them, only that each is there, numeric and next to its
+ceiling, and that the ledger checks it ran found every charge billed exactly once. Without wrk
+or haproxy (Debian's packages) it is skipped, unless REQUIRE_WRK=1 (CI), which makes that a
+failure. How the soak is cut
 into its parts is checked without running anything.
 """
 
@@ -32,15 +33,16 @@ def _load_harness():
 
 
 bench = _load_harness()
-SECTIONS = ("1_framework_ceiling", "2_api", "3_drain", "4_end_to_charge", "5_interference", "6_memory")
+SECTIONS = ("1_framework_ceiling", "2_api", "3_drain", "4_end_to_charge", "5_interference", "6_memory", "7_overload", "8_hung_database")
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    if shutil.which("wrk") is None:
+    lacking = [tool for tool in ("wrk", "haproxy") if shutil.which(tool) is None]
+    if lacking:
         if os.environ.get("REQUIRE_WRK") == "1":
-            pytest.fail("wrk is not installed and REQUIRE_WRK=1 (apt-get install wrk)")
-        pytest.skip("wrk is not installed (apt-get install wrk; make bench installs it)")
+            pytest.fail(f"{' and '.join(lacking)} not installed and REQUIRE_WRK=1 (apt-get install wrk haproxy)")
+        pytest.skip(f"{' and '.join(lacking)} not installed (apt-get install wrk haproxy; make bench installs them)")
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
     done = subprocess.run([sys.executable, "bench/bench.py", "--smoke", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=240)
@@ -56,13 +58,13 @@ def test_smoke_run_reports_every_section_next_to_its_ceiling(smoke):
     """Each of issue 11's six sections has figures; every figure of 2-6 has a numeric value and ceiling."""
     report, printed = smoke
     assert set(SECTIONS) <= set(report["sections"])
-    for number in range(1, 7):
+    for number in range(1, 9):
         rows = [row for row in report["table"] if row["section"] == number]
         assert rows, f"section {number} has no figure in the table"
         for row in rows:
             assert is_number(row["value"]), row
             assert row["result"] in ("PASS", "MISS", "NO EFFECT", "-"), row
-            if number > 1:  # section 1 is itself the ceiling of section 2
+            if 1 < number < 7:  # section 1 is itself the ceiling of section 2; 7 and 8 have targets instead
                 assert row["ceiling"] is not None and is_number(row["ceiling"]["value"]), row
     assert "target" in printed and "ceiling" in printed  # the table was printed
 
@@ -147,3 +149,23 @@ def test_soak_phases_send_every_end_once_and_the_count_asked(backlog, baseline, 
     assert sum(requests for name, requests, _, _ in phases if name == "baseline") == baseline
     assert sum(requests for _, requests, _, mix in phases if mix == "ends") == span
     assert all(ends == 0 for _, _, ends, mix in phases if mix == "fast")
+
+
+def test_smoke_run_overloads_both_paths_and_freezes_the_database(smoke):
+    """Section 7 has every connection count straight and through the edge, with the probes; the
+    edge answered every request with a 2xx or a 503 that says when to retry. Section 8 froze the
+    server, and the ledger it checked afterwards lost and doubled nothing."""
+    report, printed = smoke
+    overload = report["sections"]["7_overload"]
+    for mode in ("direct", "edge"):
+        cells = overload["modes"][mode]["cells"]
+        assert [c["connections"] for c in cells] == overload["connections"], cells
+        assert all(c["goodput"] > 0 for c in cells), cells
+        assert set(overload["modes"][mode]["probes"]) == {"/health", "/ready", "/metrics"}
+    for cell in overload["modes"]["edge"]["cells"]:
+        assert cell["not_2xx_or_503"] == cell["503_without_retry_after"] == cell["closed_connections"] == cell["socket_errors"] == 0, cell
+    hung = report["sections"]["8_hung_database"]
+    assert hung["clients_finished"] and hung["ends_acknowledged"] > 0, hung
+    assert hung["lost"] == hung["wrong_total"] == hung["unexpected"] == 0, hung
+    assert hung["longest_call_s"] <= hung["request_timeout_seconds"] + 0.5, hung
+    assert "8. frozen" in printed
