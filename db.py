@@ -85,11 +85,6 @@ class DatabaseUnavailable(psycopg.OperationalError):
     waiting on it (see LeaderPool)."""
 
 
-def current_deadline() -> float | None:
-    """The deadline of the work in progress, in time.monotonic() seconds; None when it has none."""
-    return _DEADLINE.get()
-
-
 def set_deadline(at: float | None) -> contextvars.Token:
     """Replaces the deadline of this context (None: none); hand the token to reset_deadline."""
     return _DEADLINE.set(at)
@@ -188,18 +183,19 @@ class DeadlineConnection(psycopg.Connection):
     """A psycopg connection whose every wait for the server ends by the context's deadline
     (``within``, ``set_deadline``), and whose multi-host connection attempts follow HostOrder."""
 
-    def wait(self, gen, interval=psycopg.connection._WAIT_INTERVAL, timeout=None):
+    def wait(self, gen, interval=None, timeout=None):
+        kwargs = {} if interval is None else {"interval": interval}  # else psycopg's own default
         at = _DEADLINE.get()
         if at is None:
-            return super().wait(gen, interval=interval, timeout=timeout)
+            return super().wait(gen, timeout=timeout, **kwargs)
         left = at - time.monotonic()
         if timeout is not None and timeout < left:
-            return super().wait(gen, interval=interval, timeout=timeout)  # the caller's own bound (notifies)
+            return super().wait(gen, timeout=timeout, **kwargs)  # the caller's own bound (notifies)
         began = time.monotonic()
         try:
             if left <= 0:
                 raise psycopg.errors.ConnectionTimeout("no time left")
-            return super().wait(gen, interval=interval, timeout=left)
+            return super().wait(gen, timeout=left, **kwargs)
         except psycopg.OperationalError:
             # psycopg raises its (private) _WaitTimeout, an OperationalError, when the bound runs
             # out; anything else that fails at the deadline is, for the caller, the same thing.

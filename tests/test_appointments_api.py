@@ -313,3 +313,35 @@ def test_a_read_only_database_is_503_not_500(config, db):
     finally:
         pool.close()
     assert count(db, "SELECT count(*) AS n FROM appointments") == 0
+
+
+# The end's charge takes 1.5 s to queue: longer than the 1 s deadline below, shorter than clinic's
+# statement_timeout, so the server finishes what the client gave up on.
+SLOW_QUEUE = """
+CREATE FUNCTION test_slow_queue() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$;
+CREATE TRIGGER test_slow_queue AFTER INSERT ON billing_queue FOR EACH STATEMENT EXECUTE FUNCTION test_slow_queue();
+"""
+
+
+def test_an_end_cut_short_by_its_deadline_is_a_503_and_its_retry_is_applied_once(config, pool, db, make_appointment):
+    """The end's statement outlives the request's deadline: the answer is a 503 with Retry-After
+    within the deadline, saying the change may or may not have been applied; the server commits it
+    anyway, and the client's retry with the same body gets the stored end: one charge."""
+    started = make_appointment()
+    db.execute(SLOW_QUEUE)
+    hurried = falcon.testing.TestClient(appointments.create_app(replace(config, request_timeout=1.0), pool))
+    path, body = f"/appointments/{started['id']}/end", {"end_date": "2020-12-01 14:00:00"}
+    began = time.monotonic()
+    cut = hurried.simulate_post(path, json=body)
+    assert time.monotonic() - began < 1.5
+    assert_problem(cut, 503, "retry the same request")
+    assert cut.headers["retry-after"] == "1"
+    # The server went on with the statement the client gave up on: the end and its charge together.
+    wait = time.monotonic() + 10
+    while count(db, "SELECT count(*) AS n FROM billing_queue") == 0 and time.monotonic() < wait:
+        time.sleep(0.1)
+    db.execute("DROP TRIGGER test_slow_queue ON billing_queue")
+    again = hurried.simulate_post(path, json=body)
+    assert again.status_code == 200, again.text
+    assert again.json["price"] == 200.00 and again.json["billing_status"] == "pending"
+    assert count(db, "SELECT count(*) AS n FROM billing_queue") == 1

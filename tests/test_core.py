@@ -10,6 +10,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from appointments import billed_minutes, new_appointment, parse_timestamp, plan_end, price_for, start_conflicts
+import db
 from config import Config, ConfigError
 from web import Problem, SchemaValidator, format_timestamp, openapi_spec, parse_json
 
@@ -191,6 +192,7 @@ def test_config_defaults_match_the_documentation():
     assert (config.appointments_port, config.billing_port, config.poll_seconds) == (8080, 8081, 10.0)
     assert (config.hourly_rate, str(config.timezone), config.batch_size, config.max_attempts) == (Decimal("200.00"), "UTC", 5000, 10)
     assert config.listen is True and Config.from_env({"BILLING_LISTEN": "OFF"}).listen is False
+    assert config.request_timeout == 8.0 and Config.from_env({"REQUEST_TIMEOUT_SECONDS": "2.5"}).request_timeout == 2.5
 
 
 @pytest.mark.parametrize(
@@ -208,6 +210,9 @@ def test_config_defaults_match_the_documentation():
         ("LOG_LEVEL", "LOUD"),
         ("LOG_FORMAT", "xml"),
         ("BILLING_LISTEN", "no"),
+        ("REQUEST_TIMEOUT_SECONDS", "0"),
+        ("REQUEST_TIMEOUT_SECONDS", "nan"),
+        ("REQUEST_TIMEOUT_SECONDS", "soon"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_the_variable(name, value):
@@ -372,3 +377,40 @@ def test_money_goes_out_as_a_plain_json_number_and_a_non_finite_decimal_is_refus
     assert dumps({"price": Decimal("400.00"), "big": Decimal("1E+2")}) == b'{"price":400.00,"big":100}'
     with pytest.raises(TypeError):
         dumps({"price": Decimal("NaN")})
+
+
+def test_a_multi_host_url_is_split_into_one_attempt_per_host():
+    """What DeadlineConnection.connect tries, host by host: a single port applies to every host;
+    a single host is left to psycopg."""
+    assert db.host_attempts("postgresql://u@a:5432,b:5433/clinic?target_session_attrs=read-write") == [
+        {"host": "a", "port": "5432"}, {"host": "b", "port": "5433"},
+    ]
+    assert db.host_attempts("host=a,b port=6000 dbname=x") == [{"host": "a", "port": "6000"}, {"host": "b", "port": "6000"}]
+    assert db.host_attempts("postgresql://u@only:5432/clinic") == []
+
+
+def test_a_host_that_timed_out_is_tried_last_and_left_out_when_others_remain():
+    """HostOrder: the order as written, a slow host last until it answers again; skip_slow
+    leaves it out, unless it is the only one."""
+    order = db.HostOrder()
+    a, b = {"host": "a", "port": "1"}, {"host": "b", "port": "1"}
+    assert order.order([a, b]) == [a, b]
+    order.slow("a", "1")
+    assert order.order([a, b]) == [b, a]
+    assert order.order([a, b], skip_slow=True) == [b]
+    assert order.order([a], skip_slow=True) == [a]
+    order.answered("a", "1")
+    assert order.order([a, b], skip_slow=True) == [a, b]
+
+
+def test_within_never_extends_a_deadline_already_set_and_extend_deadline_moves_it_later():
+    """A nested bound can only tighten; a long poll's wait moves the request's deadline later."""
+    with db.within(10):
+        outer = db._DEADLINE.get()
+        with db.within(60):
+            assert db._DEADLINE.get() == outer
+        with db.within(1):
+            assert db._DEADLINE.get() < outer
+        with db.extend_deadline(5):
+            assert db._DEADLINE.get() == outer + 5
+    assert db._DEADLINE.get() is None

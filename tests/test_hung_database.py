@@ -27,12 +27,14 @@ billed once.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import json
 import os
 import signal
 import threading
 import time
+import uuid
 
 import psycopg
 import pytest
@@ -280,3 +282,30 @@ def test_a_batch_cut_short_by_its_deadline_leaves_each_charge_billed_once(db_url
             thaw([backend])
         wait_until(lambda: ledger(conn)["pending"] == 0, 30, what="every charge billed")
         assert_billed_exactly_once(conn, ended=3000)
+
+
+SLOW_STARTS = """
+CREATE FUNCTION test_slow_start() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$;
+CREATE TRIGGER test_slow_start AFTER INSERT ON appointments FOR EACH STATEMENT EXECUTE FUNCTION test_slow_start();
+"""
+
+
+def test_time_waiting_for_a_thread_counts_against_the_deadline(db_url, services):
+    """Each start takes 1.5 s (a trigger), the deadline is 2 s, and 16 arrive at once for the 8
+    threads: the 8 that wait 1.5 s for a thread have 0.5 s left and get their 503 by the deadline,
+    counted from their arrival, not from when a thread took them (which would make them 3 s)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(SLOW_STARTS)
+    api = services("appointments.py", db_url, REQUEST_TIMEOUT_SECONDS="2").wait_healthy()
+
+    def start(_):
+        began = time.monotonic()
+        response = requests.post(api.base_url + "/appointments", json={"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4())}, timeout=30)
+        return response.status_code, time.monotonic() - began, response.headers.get("Retry-After")
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(start, range(16)))
+    statuses = collections.Counter(status for status, _, _ in answers)
+    assert set(statuses) <= {201, 503} and statuses[503] >= 1, answers
+    assert all(retry for status, _, retry in answers if status == 503), answers
+    assert max(seconds for _, seconds, _ in answers) <= 2 + 0.5, answers
