@@ -46,10 +46,17 @@ CHANNEL = "billing_queue"
 # statement, never idle in a transaction; this bounds the row-by-row path, which holds one open
 # between its savepoints.
 WORKER_SESSION = {"idle_in_transaction_session_timeout": "5s", "statement_timeout": "60s"}
-# A batch's statements end within this long on our side of the socket, also on a server that does
-# not answer (db.within): a batch of 5,000 takes 0.1-0.2 s. A batch cut short may have committed
-# or not; either way each of its charges is billed once (the module's docstring).
+# A batch ends within this long on our side of the socket, also on a server that does not answer
+# (db.within): the fast path's one statement takes 0.1-0.2 s for 5,000 rows. A batch cut short
+# may have committed or not; either way each of its charges is billed once (the module's
+# docstring). The row-by-row path, after a row's error, takes at most ROW_BY_ROW_BATCH rows, a
+# savepoint and a statement each, within ROW_BY_ROW_DEADLINE_SECONDS: small enough to finish on a
+# slow or distant server, so that the bad row gets its attempt counted and its backoff, and the
+# next fast batch steps past it (cut short, the attempt would roll back, and the same row would
+# send every pass down the slow path again).
 BATCH_DEADLINE_SECONDS = 10
+ROW_BY_ROW_BATCH = 500
+ROW_BY_ROW_DEADLINE_SECONDS = 60
 MAX_BACKOFF_SECONDS = 3600
 # A failed pass (no database, no leader) is tried again after 0.25 s, then 0.5, 1, 2 s at most.
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.25, 2.0
@@ -226,32 +233,35 @@ class Biller:
         self._max_attempts = max_attempts
         self._metrics = metrics or WorkerMetrics()
 
-    def batch(self, conn: psycopg.Connection, reason: str = "poll") -> tuple[int, Tally]:
-        """One transaction: (rows claimed, what became of them); ``reason`` is why its pass started."""
+    def batch(self, conn: psycopg.Connection, reason: str = "poll") -> tuple[int, Tally, bool]:
+        """One transaction: (rows claimed, what became of them, whether it claimed all it asked
+        for, so that more may be due); ``reason`` is why its pass started."""
         started = time.perf_counter()
-        with db.within(BATCH_DEADLINE_SECONDS):
-            claimed, tally = self._batch(conn)
+        claimed, tally, full = self._batch(conn)
         seconds = time.perf_counter() - started
         self._count(tally, seconds)
         log.log(logging.INFO if claimed else logging.DEBUG, "batch", rows=claimed, wake_reason=reason,
                 duration_ms=round(seconds * 1000, 3), **dataclasses.asdict(tally))
-        return claimed, tally
+        return claimed, tally, full
 
-    def _batch(self, conn: psycopg.Connection) -> tuple[int, Tally]:
+    def _batch(self, conn: psycopg.Connection) -> tuple[int, Tally, bool]:
         try:
             # One statement on an autocommit connection is one transaction, without the round
             # trips of a BEGIN and a COMMIT.
-            billed = conn.execute(CLAIM_AND_BILL, {"batch_size": self._batch_size}).fetchall()
-            claimed, tally = len(billed), Tally(billed=len(billed))
+            with db.within(BATCH_DEADLINE_SECONDS):
+                billed = conn.execute(CLAIM_AND_BILL, {"batch_size": self._batch_size}).fetchall()
             if log.is_enabled_for(logging.DEBUG):
                 for appointment_id, request_id in billed:
                     log.debug("charge_billed", appointment_id=str(appointment_id), request_id=request_id)
+            return len(billed), Tally(billed=len(billed)), len(billed) == self._batch_size
         except psycopg.Error as exc:
             if not is_row_error(conn, exc):
                 raise  # connection or server trouble: nothing was billed, the rows stay pending
             log.warning("batch_failed_billing_row_by_row", error=exc.__class__.__name__)
-            claimed, tally = self._row_by_row(conn)
-        return claimed, tally
+            limit = min(self._batch_size, ROW_BY_ROW_BATCH)
+            with db.within(ROW_BY_ROW_DEADLINE_SECONDS):
+                claimed, tally = self._row_by_row(conn, limit)
+            return claimed, tally, claimed == limit
 
     def _count(self, tally: Tally, seconds: float) -> None:
         m = self._metrics
@@ -261,10 +271,10 @@ class Biller:
                 m.charges.labels(outcome).inc(n)
         m.last_pass.set_to_current_time()
 
-    def _row_by_row(self, conn: psycopg.Connection) -> tuple[int, Tally]:
+    def _row_by_row(self, conn: psycopg.Connection, limit: int) -> tuple[int, Tally]:
         tally = Tally()
         with conn.transaction():
-            rows = conn.cursor(row_factory=dict_row).execute(CLAIM, {"batch_size": self._batch_size}).fetchall()
+            rows = conn.cursor(row_factory=dict_row).execute(CLAIM, {"batch_size": limit}).fetchall()
             for row in rows:
                 try:
                     with conn.transaction():  # a savepoint
@@ -301,9 +311,9 @@ class Biller:
         total = Tally()
         with self._pool.connection(timeout=2) as conn:
             while stop is None or not stop.is_set():
-                claimed, tally = self.batch(conn, reason)
+                _, tally, full = self.batch(conn, reason)
                 total.add(tally)
-                if claimed < self._batch_size:
+                if not full:
                     break
         return total
 
@@ -398,6 +408,9 @@ def work(biller: Biller, listener: Listener, poll_seconds: float, stop: threadin
             # ended, or the schema is not applied yet: nothing was billed by the failed
             # transaction; stay up and try again, soon at first, then less often.
             log.warning("billing_pass_failed_will_retry", error=f"{exc.__class__.__name__}: {str(exc).strip()}", retry_in_s=round(retry_in, 2))
+            # Its LISTEN connection may lead to the server that just failed (one frozen after a
+            # failover, say, that the pool's monitor did not cut): LISTEN afresh.
+            listener.close()
             stop.wait(retry_in * random.uniform(0.8, 1.2))
             retry_in = min(retry_in * 2, RETRY_MAX_SECONDS)
             reason = "poll"

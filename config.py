@@ -127,8 +127,9 @@ class Config:
     feed_max_waiters: int = 8
     # A request's database work ends this long after its arrival (waiting for a thread or a pooled
     # connection counts), else it is a 503 with Retry-After; web.Deadlines. Above clinic_api's 5 s
-    # statement_timeout, so that a slow statement is ended by the server first, and below the
-    # edge's 10 s `timeout server` (deploy/haproxy/haproxy.cfg), so that the API answers first.
+    # statement_timeout, so that a slow statement begun within 3 s of the arrival is ended by the
+    # server first, cleanly, and below the edge's 10 s `timeout server`
+    # (deploy/haproxy/haproxy.cfg), so that the API answers first.
     request_timeout: float = 8.0
     log_level: str = "INFO"
     log_format: str = "json"

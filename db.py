@@ -140,9 +140,9 @@ class HostOrder:
     def order(self, attempts: list[dict[str, str]], skip_slow: bool = False) -> list[dict[str, str]]:
         """The attempts, slow hosts last; ``skip_slow``: without them, unless none is left."""
         now = time.monotonic()
-        ordered = sorted(attempts, key=lambda a: self._slow_until.get(self._key(a), 0.0) > now)
+        ordered = sorted(attempts, key=lambda a: self._slow_until.get(self.key(a), 0.0) > now)
         if skip_slow:
-            return [a for a in ordered if self._slow_until.get(self._key(a), 0.0) <= now] or ordered
+            return [a for a in ordered if self._slow_until.get(self.key(a), 0.0) <= now] or ordered
         return ordered
 
     def slow(self, host: str, port: str) -> None:
@@ -152,8 +152,8 @@ class HostOrder:
         self._slow_until.pop((host, port), None)
 
     @staticmethod
-    def _key(attempt: dict[str, str]) -> tuple[str, str]:
-        return attempt.get("host", ""), attempt.get("port", "")
+    def key(attempt: dict[str, str]) -> tuple[str, str]:
+        return attempt.get("host") or attempt.get("hostaddr", ""), attempt.get("port", "")
 
 
 HOSTS = HostOrder()
@@ -181,7 +181,16 @@ def host_attempts(conninfo: str) -> list[dict[str, str]]:
 
 class DeadlineConnection(psycopg.Connection):
     """A psycopg connection whose every wait for the server ends by the context's deadline
-    (``within``, ``set_deadline``), and whose multi-host connection attempts follow HostOrder."""
+    (``within``, ``set_deadline``), and whose multi-host connection attempts follow HostOrder.
+
+    It keeps a duplicate of its socket's descriptor (``_handle``), so that ``cut()`` from another
+    thread acts on this connection's TCP stream and no other: libpq may close its own descriptor
+    at any moment (a deadline, a broken connection), and the number may then belong to another
+    socket. ``close()`` closes the duplicate too.
+    """
+
+    _handle: socket.socket | None = None
+    _host_key: tuple[str, str] | None = None  # the HostOrder key it was reached by, multi-host only
 
     def wait(self, gen, interval=None, timeout=None):
         kwargs = {} if interval is None else {"interval": interval}  # else psycopg's own default
@@ -202,8 +211,8 @@ class DeadlineConnection(psycopg.Connection):
             if time.monotonic() < at:
                 raise
             waited = time.monotonic() - began
-            if waited > 0:  # it did wait on this server: try the other hosts first for a while
-                HOSTS.slow(self.info.host, str(self.info.port))
+            if waited > 0 and self._host_key is not None:  # it waited on this host: others first for a while
+                HOSTS.slow(*self._host_key)
             self.close()  # never reused: the pool discards a closed connection
             raise DeadlineExceeded(f"the database did not answer within the deadline (waited {waited:.2f} s)") from None
 
@@ -213,20 +222,40 @@ class DeadlineConnection(psycopg.Connection):
         that recently timed out, unless no other is left (DatabaseMonitor, every other probe)."""
         attempts = host_attempts(conninfo)
         if not attempts:
-            return super().connect(conninfo, **kwargs)
+            return cls._with_handle(super().connect(conninfo, **kwargs))
         params = {k: v for k, v in psycopg.conninfo.conninfo_to_dict(conninfo).items() if k not in ("host", "port", "hostaddr")}
         failures = []
         for attempt in HOSTS.order(attempts, skip_slow_hosts):
+            key = HOSTS.key(attempt)
             try:
                 conn = super().connect(psycopg.conninfo.make_conninfo("", **params, **attempt), **kwargs)
             except psycopg.OperationalError as exc:
                 if isinstance(exc, psycopg.errors.ConnectionTimeout):
-                    HOSTS.slow(attempt.get("host", ""), attempt.get("port", ""))
+                    HOSTS.slow(*key)
                 failures.append(f"{attempt.get('host') or attempt.get('hostaddr')}:{attempt.get('port', '')}: {str(exc).strip()}")
                 continue
-            HOSTS.answered(attempt.get("host", ""), attempt.get("port", ""))
-            return conn
+            HOSTS.answered(*key)
+            conn._host_key = key
+            return cls._with_handle(conn)
         raise psycopg.OperationalError("no host could be used: " + "; ".join(failures))
+
+    @staticmethod
+    def _with_handle(conn: DeadlineConnection) -> DeadlineConnection:
+        conn._handle = socket.socket(fileno=os.dup(conn.pgconn.socket))
+        return conn
+
+    def close(self) -> None:
+        super().close()
+        if self._handle is not None:
+            self._handle.close()
+
+    def cut(self) -> None:
+        """Ends this connection's TCP stream, from any thread (shutdown, not close: the
+        descriptors stay their owners'). A thread waiting on it wakes with an error at once."""
+        self.cut_at = time.monotonic()
+        if self._handle is not None:
+            with contextlib.suppress(OSError):
+                self._handle.shutdown(socket.SHUT_RDWR)
 
 
 class LeaderPool(psycopg_pool.ConnectionPool):
@@ -267,8 +296,7 @@ class LeaderPool(psycopg_pool.ConnectionPool):
       (drain: they all lead to that server), and the connections in use and the LISTEN ones
       (``connect_unpooled``) are cut: the requests waiting on that server get their 503 now
       instead of at their deadlines, and everything reconnects, to the new leader after a
-      failover.
-      A request that ran out of time, or found its connection broken, asks the monitor to probe
+      failover. A request whose connection ran out of time or broke asks the monitor to probe
       at once instead of at its next turn.
     - A commit that PostgreSQL reports as not confirmed by the synchronous standby raises
       UnreplicatedCommit when the connection goes back (``connection()``), instead of passing
@@ -312,11 +340,12 @@ class LeaderPool(psycopg_pool.ConnectionPool):
         super().close(timeout=timeout)
 
     def _configure(self, conn: psycopg.Connection) -> None:
+        began = time.monotonic()
         with within(self.CONFIGURE_SECONDS):
             self.check_leader(conn)
         self._watch_commits(conn)
-        if self.monitor is not None:
-            self.monitor.leader_answered()  # proof enough to stop failing fast
+        if self.monitor is not None and time.monotonic() - began < DatabaseMonitor.TIMEOUT:
+            self.monitor.leader_answered()  # a quick answer from the leader: proof enough to stop failing fast
 
     @staticmethod
     def _watch_commits(conn: psycopg.Connection) -> None:
@@ -356,6 +385,8 @@ class LeaderPool(psycopg_pool.ConnectionPool):
                 finally:
                     with self._watched_lock:
                         self._in_use.discard(conn)
+                    if getattr(conn, "cut_at", None) is not None:
+                        conn.close()  # cut while it did no I/O: it looks alive, and is not
                     conn.returned_at = time.monotonic()  # before the pool takes it back
                 if conn.unreplicated_commits != seen:
                     raise UnreplicatedCommit("the commit was not confirmed by the synchronous standby; retry: a retry finds it if it was kept")
@@ -379,7 +410,7 @@ class LeaderPool(psycopg_pool.ConnectionPool):
         self.drain()
         with self._watched_lock:
             for conn in (*self._in_use, *self._watched):
-                cut(conn)
+                conn.cut()
 
     @staticmethod
     def check_leader(conn: psycopg.Connection) -> None:
@@ -413,16 +444,6 @@ class LeaderPool(psycopg_pool.ConnectionPool):
         super().schedule_task(task, delay)
 
 
-def cut(conn: psycopg.Connection) -> None:
-    """Ends a connection's TCP stream from any thread (shutdown, not close: the descriptor stays
-    its owner's until it closes it). A thread waiting on it wakes with an error at once."""
-    conn.cut_at = time.monotonic()
-    with contextlib.suppress(OSError, psycopg.Error):
-        fd = conn.pgconn.socket
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
-
-
 # Probed by DatabaseMonitor: on the leader (a standby cannot take the services' writes), and the
 # tables both services use exist (/ready answers 503 without them).
 PROBE = """
@@ -448,16 +469,20 @@ class DatabaseMonitor:
     seconds (RETRY while it fails): the pool fails fast on its verdict, /ready and the metrics
     read it without touching the database.
 
-    A probe is PROBE, then every registered reading (telemetry's queue gauges), within TIMEOUT.
-    One that runs out of time means a server that holds its connections but does not answer:
-    the pool drops its idle connections and cuts its LISTEN connections (server_unresponsive).
-    ``poke()`` asks for a probe now (a request that timed out or lost its connection); ``check``
-    waits a moment for a fresh one.
+    A probe is PROBE within TIMEOUT (plus connecting, CONNECT_TIMEOUT_SECONDS a host, when its
+    connection has to be made again). One slow answer may be a busy server; when a second probe
+    at once, on a new connection, runs out of time too, the server holds its connections but does
+    not answer, and the pool drops its idle connections and cuts the ones in use and its LISTEN
+    connections (server_unresponsive). After a probe that worked, the registered readings
+    (telemetry's queue gauges) run within READING_TIMEOUT; one that fails is logged and left
+    stale, and says nothing of the verdict. ``poke()`` asks for a probe now (a request whose
+    connection timed out or broke); ``check`` waits a moment for a fresh one.
     """
 
     INTERVAL = 0.5
     RETRY = 0.25
     TIMEOUT = 1.0
+    READING_TIMEOUT = 2.0
 
     def __init__(self, pool: LeaderPool):
         self._pool = pool
@@ -467,10 +492,11 @@ class DatabaseMonitor:
         self._lock = threading.Lock()  # one probe at a time
         self._wake = threading.Event()
         self._probed = threading.Condition()
+        self._round_began = float("-inf")  # the start of the last probe whose readings are done
         self._closing = False
         self._thread: threading.Thread | None = None
         self._attempts = 0
-        self._reused = False
+        self._reused = False  # whether the probe in progress runs on a connection made before
         self._schema_seen: bool | None = None  # by the last probe that worked
         self._down_since = 0.0
 
@@ -485,7 +511,7 @@ class DatabaseMonitor:
         return None if health.up is not False else health.detail
 
     def add_reading(self, reading: Callable[[psycopg.Connection], None]) -> None:
-        """Runs reading(conn) after each successful probe, within the same TIMEOUT."""
+        """Runs reading(conn) after each probe that worked, within READING_TIMEOUT."""
         self._readings.append(reading)
 
     def start(self, probe_first: bool = False) -> None:
@@ -499,7 +525,8 @@ class DatabaseMonitor:
         self._closing = True
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.TIMEOUT + 3)
+            # A probe in progress ends within its bounds: TIMEOUT, and connecting to each host.
+            self._thread.join(timeout=self.TIMEOUT + 4 * CONNECT_TIMEOUT_SECONDS)
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -509,27 +536,33 @@ class DatabaseMonitor:
         self._wake.set()
 
     def check(self, wait: float) -> Health:
-        """A probe newer than now, if one comes within ``wait`` seconds; else the last one."""
+        """A probe (and its readings) newer than now, if one comes within ``wait`` seconds;
+        else the last one."""
         asked = time.monotonic()
         self.poke()
         if self._health.up is False and self._thread is not None:
             return self._health  # it was not answering a moment ago: no wait (the probe retries)
         with self._probed:
-            self._probed.wait_for(lambda: self._health.at >= asked or self._thread is None, wait)
+            self._probed.wait_for(lambda: self._round_began >= asked or self._thread is None, wait)
         if self._thread is None:  # not started (a test's app without the thread): probe here
             return self.probe()
         return self._health
 
     def leader_answered(self) -> None:
-        """A new pooled connection passed its leader check: requests may try again now, without
-        waiting for this monitor's own probe (which may be waiting out a host that hangs)."""
+        """A new pooled connection passed its leader check quickly: requests may try again now,
+        without waiting for this monitor's own probe (which may be waiting out a host that
+        hangs, after a failover)."""
         if self._health.up is False and self._schema_seen is not None:
             self._publish(Health(True, self._schema_seen, "ok: a new connection reached the leader", time.monotonic()))
         self.poke()
 
     def _run(self) -> None:
         while not self._closing:
-            health = self.probe()
+            try:
+                health = self.probe()
+            except Exception:  # noqa: BLE001 - the pool's verdict must not freeze with this thread
+                log.exception("database_monitor_failed")
+                health = self._health
             self._wake.wait(self.INTERVAL if health.up else self.RETRY)
             self._wake.clear()
 
@@ -539,29 +572,44 @@ class DatabaseMonitor:
                 return self._health
             began = time.monotonic()
             self._attempts += 1
+            timed_out = False
             try:
                 try:
                     health = self._probe_once(began)
                 except psycopg.Error as exc:
-                    if isinstance(exc, DeadlineExceeded) or not self._reused:
+                    # Once more at once, on a new connection: a session of its own that ended (a
+                    # terminated backend) says little about the server, and a first slow answer
+                    # may be a busy server's.
+                    if not self._retry_worth(exc):
                         raise
-                    # A session of its own that ended (a terminated backend, an idle timeout)
-                    # says little about the server: once more, on a new connection.
+                    timed_out = isinstance(exc, DeadlineExceeded)
                     health = self._probe_once(began)
-            except (DeadlineExceeded, psycopg.errors.ConnectionTimeout) as exc:
-                health = self._failed(began, f"the database does not answer ({str(exc).strip()})")
-                if self._health.up is not False:
-                    self._pool.server_unresponsive()  # once, as it stops answering
             except psycopg.Error as exc:
-                health = self._failed(began, f"the database is unavailable ({exc.__class__.__name__}: {str(exc).strip()})")
-                if self._health.up is not False:
+                # Out of time, then no fresh answer either (out of time again, or no host would
+                # take a new connection): the server holds its connections and answers nothing.
+                if timed_out or isinstance(exc, (DeadlineExceeded, psycopg.errors.ConnectionTimeout)):
+                    if self._publish(self._failed(began, f"the database does not answer ({str(exc).strip()})")):
+                        self._pool.server_unresponsive()  # once, as it stops answering
+                elif self._publish(self._failed(began, f"the database is unavailable ({exc.__class__.__name__}: {str(exc).strip()})")):
                     self._pool.drain()  # its idle connections died with it (a restart)
-            self._publish(health)
-            return health
+            else:
+                self._publish(health)
+                if health.up and health.schema:
+                    self._read()
+            with self._probed:
+                self._round_began = max(self._round_began, began)
+                self._probed.notify_all()
+            return self._health
+
+    def _retry_worth(self, exc: psycopg.Error) -> bool:
+        """Whether a second attempt at once says more: yes when the first ran on a connection
+        made before (it may be that session, not the server), or ran out of time (it may be a
+        busy server). A connection just made and refused: no."""
+        return self._reused or isinstance(exc, DeadlineExceeded)
 
     def _probe_once(self, began: float) -> Health:
+        self._reused = self._conn is not None and not self._conn.closed
         with within(self.TIMEOUT):
-            self._reused = self._conn is not None and not self._conn.closed
             if not self._reused:
                 # While it fails, every other attempt leaves out the hosts that just timed out:
                 # after a frozen leader's failover, the new one is found at the next turn
@@ -570,27 +618,27 @@ class DatabaseMonitor:
                 self._conn = self._pool.connect_unpooled(f"{self._pool.name}-monitor", skip_slow_hosts=skip)
             try:
                 leader, schema = self._conn.execute(PROBE).fetchone()
-                if not leader:
-                    raise psycopg.OperationalError("the server is in recovery (a standby): not the leader")
-                if schema:
-                    self._read(self._conn)
             except psycopg.Error:
                 self._conn.close()
                 self._conn = None
                 raise
+        if not leader:
+            raise psycopg.OperationalError("the server is in recovery (a standby): not the leader")
         self._schema_seen = bool(schema)
         return Health(True, bool(schema), "ok" if schema else "the tables are missing; apply schema.sql", began)
 
-    def _read(self, conn: psycopg.Connection) -> None:
-        """The readings: one that fails (a grant missing after a bad deploy) is logged and left
-        stale, and does not make the server look down, unless the connection itself went."""
+    def _read(self) -> None:
+        """The readings, within READING_TIMEOUT: one that fails (a slow count on a huge backlog, a
+        grant missing after a bad deploy) is logged and left stale."""
         for reading in self._readings:
             try:
-                reading(conn)
+                with within(self.READING_TIMEOUT):
+                    reading(self._conn)
             except psycopg.Error as exc:
-                if conn.closed or isinstance(exc, DeadlineExceeded):
-                    raise
                 log.warning("database_reading_failed", error=f"{exc.__class__.__name__}: {str(exc).strip()}")
+                if self._conn.closed:
+                    self._conn = None
+                    return
 
     def _failed(self, began: float, detail: str) -> Health:
         if self._conn is not None:
@@ -598,18 +646,21 @@ class DatabaseMonitor:
             self._conn = None
         return Health(False, False, detail, began)
 
-    def _publish(self, health: Health) -> None:
+    def _publish(self, health: Health) -> bool:
+        """Makes ``health`` the verdict, unless a newer one came in meanwhile; True when that
+        turned it from answering (or not probed yet) to not."""
         with self._probed:
             before = self._health
             if health.at < before.at:
-                return  # begun before a newer word (leader_answered) came in: stale
+                return False  # begun before a newer word (leader_answered) came in: stale
             self._health = health
-            self._probed.notify_all()
-        if health.up is False and before.up is not False:
+        newly_down = health.up is False and before.up is not False
+        if newly_down:
             self._down_since = health.at
             log.warning("database_unavailable_failing_fast", detail=health.detail)
         elif health.up and before.up is False:
             log.info("database_available_again", detail=health.detail, down_s=round(health.at - self._down_since, 3))
+        return newly_down
 
 
 def server_has_spoken(conn: psycopg.Connection) -> bool:

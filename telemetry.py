@@ -206,6 +206,9 @@ class QueueCollector(Collector):
     hangs, and says so."""
 
     FRESH_WAIT = 0.03
+    # Older than this, the monitor is stuck (it probes every second at most, connecting included):
+    # no value is better than a stale one.
+    STALE_SECONDS = 10.0
 
     def __init__(self, pool):
         self._monitor = pool.monitor
@@ -220,9 +223,10 @@ class QueueCollector(Collector):
 
     def collect(self):
         health = self._monitor.check(wait=self.FRESH_WAIT)
-        stats = self._stats if health.up and health.schema else None
+        fresh = time.monotonic() - health.at <= self.STALE_SECONDS
+        stats = self._stats if health.up and health.schema and fresh else None
         yield GaugeMetricFamily(
-            "clinic_db_up", "1 when the database answered the last probe (at most a second old), else 0.", value=int(stats is not None)
+            "clinic_db_up", "1 when the database answered the monitor's last probe, with the schema there, else 0.", value=int(stats is not None)
         )
         if stats is None:
             return

@@ -363,12 +363,15 @@ class PatroniCluster:
         return candidate
 
     def wal_sender_pid(self) -> int:
-        """The leader's WAL sender process, streaming to the standby."""
+        """The leader's WAL sender process, streaming to the standby (waited for a while: a
+        standby Patroni calls running may still be catching up)."""
         leader = self.members[self.leader()]
-        with psycopg.connect(leader.url(), autocommit=True, connect_timeout=2) as conn:
-            row = conn.execute("SELECT pid FROM pg_stat_replication WHERE state = 'streaming' ORDER BY pid LIMIT 1").fetchone()
-        assert row, "the leader has no streaming WAL sender"
-        return row[0]
+
+        def streaming():
+            with psycopg.connect(leader.url(), autocommit=True, connect_timeout=2) as conn:
+                return conn.execute("SELECT pid FROM pg_stat_replication WHERE state = 'streaming' ORDER BY pid LIMIT 1").fetchone()
+
+        return wait_until(streaming, 20, interval=0.2, what="a streaming WAL sender on the leader")[0]
 
     def pause_wal_sender(self) -> int:
         """SIGSTOP the leader's WAL sender: the standby receives nothing more until resume."""

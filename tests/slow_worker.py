@@ -38,7 +38,7 @@ class SlowBiller(billing_worker.Biller):
         if billed and LOG:
             with open(LOG, "a", encoding="utf-8") as log:
                 log.write(json.dumps({"ids": [str(row[0]) for row in billed], "committed_at": time.time()}) + "\n")
-        return len(billed), billing_worker.Tally(billed=len(billed))
+        return len(billed), billing_worker.Tally(billed=len(billed)), len(billed) == self._batch_size
 
 
 billing_worker.Biller = SlowBiller

@@ -6,7 +6,7 @@ their own, retrying unknown outcomes with the same body, and a consumer follows 
 with long polls. Then it is resumed. What must hold:
 
 - no API call outlives REQUEST_TIMEOUT_SECONDS (8, the default) + 0.5 s, and no feed long poll
-  its wait + 8 + 0.5 s (the pools' monitors find the server not answering within about 1.5 s
+  its wait + 8 + 0.5 s (the pools' monitors find the server not answering within about 3 s
   and cut the waits on it short; the deadlines bound what they do not see);
 - /health and /metrics of both services answer within 100 ms (p99) while the server hangs;
 - the first 2xx comes within 1 s of the server answering again, and the worker LISTENs again

@@ -1,10 +1,13 @@
-"""A real Prometheus (the Debian package) scraping both running services with
-deploy/prometheus/prometheus.yml and evaluating deploy/prometheus/alerts.yml.
+"""A real Prometheus (the Debian package) scraping both running services and the edge (HAProxy)
+in front of the API with deploy/prometheus/prometheus.yml, and evaluating
+deploy/prometheus/alerts.yml.
 
 The only changes to the shipped config: targets point at this test's loopback ports, and scrapes
-and rule evaluations run every second instead of every 15.
+and rule evaluations run every second instead of every 15. Without haproxy the edge's job is left
+out (REQUIRE_HAPROXY=1 makes that a failure).
 """
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -16,7 +19,7 @@ import pytest
 import requests
 import yaml
 
-from support import ROOT, free_port, wait_until
+from support import ROOT, Edge, free_port, wait_until
 
 DEPLOY = ROOT / "deploy" / "prometheus"
 
@@ -32,13 +35,27 @@ def prometheus_binary():
 
 
 def shipped_config_pointed_at(targets: dict[str, str]) -> dict:
+    """The shipped config, each job's target replaced; a job without a target here is left out."""
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(DEPLOY / "alerts.yml")]
+    config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] in targets]
     for job in config["scrape_configs"]:
         (static,) = job["static_configs"]
         static["targets"] = [targets[job["job_name"]]]
     return config
+
+
+@pytest.fixture
+def edge_in_front(tmp_path):
+    """An Edge(api_url) maker, or None without haproxy (a failure under REQUIRE_HAPROXY=1)."""
+    if shutil.which("haproxy") is None:
+        if os.environ.get("REQUIRE_HAPROXY") == "1":
+            pytest.fail("haproxy is not installed (apt-get install haproxy) and REQUIRE_HAPROXY=1")
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        yield lambda api_url: stack.enter_context(Edge(api_url, tmp_path))
 
 
 class Prometheus:
@@ -90,21 +107,23 @@ class Prometheus:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def test_prometheus_scrapes_both_services_and_fires_the_pending_age_alert(prometheus_binary, services, db_url, db):
+def test_prometheus_scrapes_both_services_and_fires_the_pending_age_alert(prometheus_binary, services, db_url, db, edge_in_front):
     api = services("appointments.py", db_url).wait_healthy()
     worker = services("billing_worker.py", db_url).wait_healthy()
-    prometheus = Prometheus(prometheus_binary, shipped_config_pointed_at({
-        "clinic-appointments": api.base_url.removeprefix("http://"),
-        "clinic-billing": worker.base_url.removeprefix("http://"),
-    }))
+    targets = {"clinic-appointments": api.base_url.removeprefix("http://"), "clinic-billing": worker.base_url.removeprefix("http://")}
+    edge = edge_in_front(api.base_url) if edge_in_front else None
+    if edge is not None:
+        targets["clinic-edge"] = f"127.0.0.1:{edge.metrics_port}"
+    front = edge.url if edge is not None else api.base_url
+    prometheus = Prometheus(prometheus_binary, shipped_config_pointed_at(targets))
     try:
         wait_until(prometheus.ready, 30, interval=0.2, what="prometheus /-/ready")
-        wait_until(lambda: prometheus.scalar("sum(up)") == 2, 30, interval=0.2, what="both targets up")
+        wait_until(lambda: prometheus.scalar("sum(up)") == len(targets), 30, interval=0.2, what="every target up")
 
         ended = []
         for _ in range(3):
-            start = requests.post(api.base_url + "/appointments", json={"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4())}, timeout=5)
-            requests.post(f"{api.base_url}/appointments/{start.json()['id']}/end", timeout=5).raise_for_status()
+            start = requests.post(front + "/appointments", json={"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4())}, timeout=5)
+            requests.post(f"{front}/appointments/{start.json()['id']}/end", timeout=5).raise_for_status()
             ended.append(start.json()["id"])
         wait_until(lambda: db.execute("SELECT count(*) AS n FROM billing_entries").fetchone()["n"] == 3, 15, what="3 charges billed")
 
@@ -115,6 +134,11 @@ def test_prometheus_scrapes_both_services_and_fires_the_pending_age_alert(promet
         assert prometheus.scalar('max(clinic_billing_queue_rows{status="pending"})') == 0
         assert prometheus.scalar("max(clinic_billing_oldest_pending_age_seconds)") == 0
         assert prometheus.alert_state("ClinicChargePendingTooLong") is None
+        if edge is not None:  # the series the shedding alert divides: the six requests went through the edge
+            through = lambda: prometheus.scalar('sum(haproxy_frontend_http_requests_total{job="clinic-edge",proxy="appointments"})')  # noqa: E731
+            wait_until(lambda: (through() or 0) >= 6, 15, interval=0.2, what="the edge's requests in prometheus")
+            assert prometheus.scalar('sum(haproxy_frontend_requests_denied_total{job="clinic-edge",proxy="appointments"})') == 0
+            assert prometheus.alert_state("ClinicApiSheddingLoad") is None
 
         # Billing down, an end waiting: the gauge (the API exports it too) and then the alert.
         worker.stop()
