@@ -42,7 +42,7 @@ class BrokenBiller(billing_worker.Biller):
             time.sleep(0.3)
         with conn.transaction():
             conn.cursor().executemany(CHARGE_LATER, rows)
-        return len(rows), billing_worker.Tally(billed=len(rows))
+        return len(rows), billing_worker.Tally(billed=len(rows)), len(rows) == self._batch_size
 
 
 billing_worker.Biller = BrokenBiller
