@@ -291,8 +291,8 @@ class LeaderPool(psycopg_pool.ConnectionPool):
       on a connection of its own. While its last probe failed, ``connection()`` raises
       DatabaseUnavailable at once: a request gets its 503 in microseconds instead of holding a
       thread for its whole deadline on a server that is not answering, and /health, the other
-      requests and the server itself are spared. When a probe times out (the server accepts
-      connections or holds them open, but does not answer), the idle connections are dropped
+      requests and the server itself are spared. When its probe times out twice in a row (the
+      server accepts connections or holds them open, but does not answer), the idle connections are dropped
       (drain: they all lead to that server), and the connections in use and the LISTEN ones
       (``connect_unpooled``) are cut: the requests waiting on that server get their 503 now
       instead of at their deadlines, and everything reconnects, to the new leader after a
@@ -378,7 +378,7 @@ class LeaderPool(psycopg_pool.ConnectionPool):
                     yield conn
                 except psycopg.OperationalError as exc:
                     if getattr(conn, "cut_at", None) is not None and not isinstance(exc, DeadlineExceeded):
-                        raise DeadlineExceeded("the database stopped answering (the monitor's probe timed out), and the wait for it was cut short") from None
+                        raise DeadlineExceeded("the database stopped answering (the monitor's probes timed out), and the wait for it was cut short") from None
                     if self.monitor is not None and conn.closed:
                         self.monitor.poke()  # timed out, or the server closed it: look now
                     raise
@@ -405,8 +405,9 @@ class LeaderPool(psycopg_pool.ConnectionPool):
         return conn
 
     def server_unresponsive(self) -> None:
-        """The monitor's probe timed out: drop the idle connections, and cut the ones in use and
-        the LISTEN ones, so that every wait on that server ends now, not at its deadline."""
+        """The monitor found the server not answering: drop the idle connections, and cut the
+        ones in use and the LISTEN ones, so that every wait on that server ends now, not at its
+        deadline."""
         self.drain()
         with self._watched_lock:
             for conn in (*self._in_use, *self._watched):
