@@ -484,6 +484,9 @@ class DatabaseMonitor:
     RETRY = 0.25
     TIMEOUT = 1.0
     READING_TIMEOUT = 2.0
+    # How long check() waits for a fresh probe: a healthy server answers in a few milliseconds,
+    # and /ready and /metrics must answer within 100 ms whatever the server does.
+    CHECK_WAIT = 0.03
 
     def __init__(self, pool: LeaderPool):
         self._pool = pool
@@ -536,7 +539,7 @@ class DatabaseMonitor:
     def poke(self) -> None:
         self._wake.set()
 
-    def check(self, wait: float) -> Health:
+    def check(self, wait: float = CHECK_WAIT) -> Health:
         """A probe (and its readings) newer than now, if one comes within ``wait`` seconds;
         else the last one."""
         asked = time.monotonic()

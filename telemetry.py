@@ -200,12 +200,11 @@ SELECT (SELECT count(*) FROM billing_queue WHERE status = 'pending') AS pending,
 
 class QueueCollector(Collector):
     """The queue's gauges and clinic_db_up, read from the database by the pool's monitor
-    (db.DatabaseMonitor: its probe runs QUEUE_STATS too), never by the scraping thread: a scrape
-    asks for a fresh probe and waits FRESH_WAIT seconds for it at most (a few milliseconds on a
-    healthy server), else shows the last one. So /metrics answers at once while the database
-    hangs, and says so."""
+    (db.DatabaseMonitor runs QUEUE_STATS after each probe that worked), never by the scraping
+    thread: a scrape asks for a fresh probe and waits DatabaseMonitor.CHECK_WAIT for it at most
+    (a few milliseconds on a healthy server), else shows the last one. So /metrics answers at
+    once while the database hangs, and says so."""
 
-    FRESH_WAIT = 0.03
     # Older than this, the monitor is stuck (it probes every second at most, connecting included):
     # no value is better than a stale one.
     STALE_SECONDS = 10.0
@@ -222,7 +221,7 @@ class QueueCollector(Collector):
         return []  # dynamic
 
     def collect(self):
-        health = self._monitor.check(wait=self.FRESH_WAIT)
+        health = self._monitor.check()
         fresh = time.monotonic() - health.at <= self.STALE_SECONDS
         stats = self._stats if health.up and health.schema and fresh else None
         yield GaugeMetricFamily(

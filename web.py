@@ -336,17 +336,15 @@ class Health:
 
 class Ready:
     """Readiness: the database answers, on the leader, with the schema there. From the pool's
-    monitor (db.DatabaseMonitor): a fresh probe when one comes within FRESH_WAIT seconds (a few
+    monitor (db.DatabaseMonitor): a fresh probe when one comes within its CHECK_WAIT (a few
     milliseconds on a healthy server), else its last one, so this never waits on a database that
     does not answer."""
-
-    FRESH_WAIT = 0.03
 
     def __init__(self, pool: db.LeaderPool):
         self._monitor = pool.monitor
 
     def on_get(self, req, resp):
-        health = self._monitor.check(wait=self.FRESH_WAIT)
+        health = self._monitor.check()
         if not health.up:
             raise Problem(503, f"{health.detail}; retry shortly", {"Retry-After": "1"})
         if not health.schema:

@@ -57,18 +57,11 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from support import Service, TempCluster, as_role, fresh_database, free_port, wait_until  # noqa: E402
+from support import BASE_START, Service, TempCluster, as_role, expected_price, fresh_database, free_port, wait_until  # noqa: E402
 
-RATE = decimal.Decimal("200.00")
-BASE_START = dt.datetime(2024, 1, 1, 8, 0, 0, tzinfo=dt.timezone.utc)
 IDLE_TIMEOUT_SECONDS = 5  # billing_worker.WORKER_SESSION
 SERVICE_APPS = ("appointments", "billing-worker", "billing-worker-listen", "billing-feed-listen")
 FEED_PAGE = {"limit": "25", "wait": "1"}
-
-
-def expected_price(minutes: int) -> decimal.Decimal:
-    """The price rule, restated independently of appointments.price_for."""
-    return (RATE * minutes / 60).quantize(decimal.Decimal("0.01"), rounding=decimal.ROUND_HALF_UP)
 
 
 @dataclasses.dataclass

@@ -363,8 +363,6 @@ def expected_price(minutes: int) -> decimal.Decimal:
     return (RATE * minutes / 60).quantize(decimal.Decimal("0.01"), rounding=decimal.ROUND_HALF_UP)
 
 
-
-
 @dataclasses.dataclass
 class Appointment:
     id: str

@@ -14,7 +14,7 @@ import appointments
 from db import make_pool
 from web import MAX_BODY_BYTES
 from conftest import replace
-from support import create_database, drop_database, free_port
+from support import create_database, drop_database, free_port, wait_until
 
 
 def start_body(**fields):
@@ -337,9 +337,7 @@ def test_an_end_cut_short_by_its_deadline_is_a_503_and_its_retry_is_applied_once
     assert_problem(cut, 503, "retry the same request")
     assert cut.headers["retry-after"] == "1"
     # The server went on with the statement the client gave up on: the end and its charge together.
-    wait = time.monotonic() + 10
-    while count(db, "SELECT count(*) AS n FROM billing_queue") == 0 and time.monotonic() < wait:
-        time.sleep(0.1)
+    wait_until(lambda: count(db, "SELECT count(*) AS n FROM billing_queue") == 1, 10, what="the end the client gave up on to commit")
     db.execute("DROP TRIGGER test_slow_queue ON billing_queue")
     again = hurried.simulate_post(path, json=body)
     assert again.status_code == 200, again.text
