@@ -91,7 +91,7 @@ DECLARE
     relation regclass;
     function regprocedure;
 BEGIN
-    FOREACH relation IN ARRAY ARRAY['appointments', 'billing_queue', 'billing_entries']::regclass[] LOOP
+    FOREACH relation IN ARRAY ARRAY['appointments', 'billing_queue', 'billing_entries', 'base_backups']::regclass[] LOOP
         IF (SELECT relowner FROM pg_class WHERE oid = relation) <> owner THEN
             EXECUTE format('ALTER TABLE %s OWNER TO clinic_owner', relation);
         END IF;
@@ -108,8 +108,8 @@ BEGIN
 END $$;
 
 -- What each service may do, derived from its SQL (appointments.py, billing_worker.py and
--- QUEUE_STATS in telemetry.py, which both services run for their /metrics; SCHEMA_PRESENT in
--- db.py only calls to_regclass, which needs no privilege). Everything is revoked first and
+-- QUEUE_STATS and BACKUP_STATS in telemetry.py, which both services run for their /metrics; PROBE
+-- in db.py only calls to_regclass, which needs no privilege). Everything is revoked first and
 -- granted again in the same statement, so a run takes away what an older version (or a hand)
 -- granted, and a live service never sees a moment without its grants, also under psql -f. GRANT
 -- and REVOKE take no lock on the tables: nothing here waits for the services.
@@ -123,7 +123,7 @@ DO $$
 BEGIN
     REVOKE ALL ON ALL TABLES IN SCHEMA public FROM PUBLIC;
     -- Table-level REVOKE ALL takes each column's privileges away too.
-    REVOKE ALL ON appointments, billing_queue, billing_entries, billing_status FROM clinic_api, clinic_worker;
+    REVOKE ALL ON appointments, billing_queue, billing_entries, base_backups, billing_status FROM clinic_api, clinic_worker;
     -- Trigger functions: a trigger runs its function whoever fired it; nobody calls them directly.
     REVOKE ALL ON FUNCTION billing_entries_append_only(), billing_entries_positions_follow_the_server(),
                            billing_entries_ring_the_feed() FROM PUBLIC, clinic_api, clinic_worker;
@@ -168,6 +168,10 @@ BEGIN
     GRANT SELECT,
           INSERT (appointment_id, total_price)
         ON billing_entries TO clinic_worker;
+
+    -- Both services' BACKUP_STATS (telemetry.py, for /metrics) reads when the newest base backup
+    -- stopped; the backup service writes the rows as the superuser it connects as.
+    GRANT SELECT (stopped_at) ON base_backups TO clinic_api, clinic_worker;
 
     -- Neither creates anything: not in schema public (PostgreSQL 15 no longer grants CREATE on
     -- it to PUBLIC, older versions and upgraded clusters did), nor schemas or temporary tables in

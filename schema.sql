@@ -307,6 +307,24 @@ DO $$ BEGIN
     END IF;
 END $$;
 
+-- The base backups of this cluster, one row per backup, as pgBackRest's `info` reports them:
+-- written by the backup service (deploy/postgres/clinic-backup) after each backup it takes, read
+-- by both services' /metrics (telemetry.BACKUP_STATS, the newest stopped_at) for the
+-- ClinicNoRecentBaseBackup alert. A row is history: it stays when retention expires its backup.
+-- A restore brings the rows back as of its target; the backup service records the repository's
+-- backups again when it starts. One row a day: small enough to read whole, no index beyond the key.
+CREATE TABLE IF NOT EXISTS base_backups (
+    label       text PRIMARY KEY,                                 -- pgBackRest's, e.g. 20261207-012305F
+    kind        text NOT NULL CHECK (kind IN ('full', 'diff', 'incr')),
+    started_at  timestamptz NOT NULL,
+    stopped_at  timestamptz NOT NULL CHECK (stopped_at >= started_at),
+    size_bytes  bigint NOT NULL CHECK (size_bytes >= 0),          -- the cluster's files it covers
+    repo_bytes  bigint NOT NULL CHECK (repo_bytes >= 0),          -- what it added to the repository, compressed
+    wal_start   text NOT NULL,                                    -- the WAL a restore of it needs at least
+    wal_stop    text NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- Where each appointment's money is, for people with psql:
 --   SELECT * FROM billing_status WHERE status <> 'billed' ORDER BY ended_at;
 -- status: open (not ended), then the queue row's pending, billed or failed; 'missing' for an ended

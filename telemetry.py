@@ -5,7 +5,8 @@
   ``event`` and, inside a request, its ``request_id``.
 - ``ApiMetrics`` and ``WorkerMetrics`` hold one service's metrics in a registry of its own (so a
   test can build many apps in one process); ``/metrics`` serves it (``MetricsResource``).
-- ``QueueCollector`` shows the billing queue's gauges, which the pool's monitor reads.
+- ``QueueCollector`` and ``BackupCollector`` show the billing queue's gauges and those of WAL
+  archiving and base backups, which the pool's monitor reads.
 - ``RequestTelemetry`` gives every request its id, one log line and its HTTP metrics.
 
 Every metric name starts with ``clinic_``; docs/operations.md says what each one means.
@@ -26,7 +27,7 @@ import prometheus_client as prom
 import psycopg
 import psycopg_pool
 import structlog
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # Counters without their *_created twins: half the series, and nothing here needs them.
@@ -126,7 +127,7 @@ BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 
 
 class Metrics:
-    """One service's registry: process metrics, the HTTP metrics and the queue's gauges."""
+    """One service's registry: process metrics, the HTTP metrics, the queue's and the backups' gauges."""
 
     def __init__(self, service: str, pool: psycopg_pool.ConnectionPool | None = None):
         self.service = service
@@ -144,6 +145,7 @@ class Metrics:
         )
         if getattr(pool, "monitor", None) is not None:  # not for a one-shot command's pool
             self.registry.register(QueueCollector(pool))
+            self.registry.register(BackupCollector(pool))
 
 
 class ApiMetrics(Metrics):
@@ -198,32 +200,42 @@ SELECT (SELECT count(*) FROM billing_queue WHERE status = 'pending') AS pending,
 """
 
 
-class QueueCollector(Collector):
-    """The queue's gauges and clinic_db_up, read from the database by the pool's monitor
-    (db.DatabaseMonitor runs QUEUE_STATS after each probe that worked), never by the scraping
-    thread: a scrape asks for a fresh probe and waits DatabaseMonitor.CHECK_WAIT for it at most
-    (a few milliseconds on a healthy server), else shows the last one. So /metrics answers at
-    once while the database hangs, and says so."""
+class MonitorReading(Collector):
+    """Gauges read from the database by the pool's monitor (db.DatabaseMonitor runs ``QUERY``
+    after each probe that worked), never by the scraping thread: a scrape asks for a fresh probe
+    and waits DatabaseMonitor.CHECK_WAIT for it at most (a few milliseconds on a healthy server),
+    else shows the last one. So /metrics answers at once while the database hangs, and says so."""
 
+    QUERY = ""
     # Older than this, the monitor is stuck (it probes every second at most, connecting included):
     # no value is better than a stale one.
     STALE_SECONDS = 10.0
 
     def __init__(self, pool):
         self._monitor = pool.monitor
-        self._stats: tuple | None = None
+        self._row: tuple | None = None
         self._monitor.add_reading(self._read)
 
     def _read(self, conn: psycopg.Connection) -> None:
-        self._stats = conn.execute(QUEUE_STATS).fetchone()
+        self._row = conn.execute(self.QUERY).fetchone()
+
+    def fresh_row(self) -> tuple | None:
+        """The last row read, if the database answered the last probe recently, else None."""
+        health = self._monitor.check()
+        fresh = time.monotonic() - health.at <= self.STALE_SECONDS
+        return self._row if health.up and health.schema and fresh else None
 
     def describe(self):
         return []  # dynamic
 
+
+class QueueCollector(MonitorReading):
+    """The queue's gauges and clinic_db_up."""
+
+    QUERY = QUEUE_STATS
+
     def collect(self):
-        health = self._monitor.check()
-        fresh = time.monotonic() - health.at <= self.STALE_SECONDS
-        stats = self._stats if health.up and health.schema and fresh else None
+        stats = self.fresh_row()
         yield GaugeMetricFamily(
             "clinic_db_up", "1 when the database answered the monitor's last probe, with the schema there, else 0.", value=int(stats is not None)
         )
@@ -238,6 +250,57 @@ class QueueCollector(Collector):
             "clinic_billing_oldest_pending_age_seconds", "How long the oldest due pending charge has been due; 0 when none.",
             value=float(oldest),
         )
+
+
+# What protects the data beyond the replicas: WAL archiving (pg_stat_archiver, PostgreSQL's own
+# record of its archive_command) and the newest base backup (base_backups, which the backup
+# service fills from pgBackRest's info). Ages come from the database's clock, as the queue's do.
+# Archiving is "failing" when its last attempt failed and none succeeded since: PostgreSQL retries
+# a segment until it goes, so this stays 1 until the cause is fixed.
+BACKUP_STATS = """
+SELECT current_setting('archive_mode') <> 'off' AS archiving,
+       a.archived_count, a.failed_count,
+       coalesce(a.last_failed_time > a.last_archived_time OR (a.last_failed_time IS NOT NULL AND a.last_archived_time IS NULL), false) AS failing,
+       extract(epoch FROM now() - a.last_archived_time) AS archived_age,
+       (SELECT extract(epoch FROM now() - max(stopped_at)) FROM base_backups) AS backup_age
+FROM pg_stat_archiver a
+"""
+
+
+class BackupCollector(MonitorReading):
+    """WAL archiving and base backups: what the ClinicWalArchivingFailing and
+    ClinicNoRecentBaseBackup alerts read. An age with nothing to measure from (no segment
+    archived yet, no backup recorded) is left out."""
+
+    QUERY = BACKUP_STATS
+
+    def collect(self):
+        stats = self.fresh_row()
+        if stats is None:
+            return
+        archiving, archived, failed, failing, archived_age, backup_age = stats
+        yield GaugeMetricFamily(
+            "clinic_wal_archiving_enabled", "1 when the server archives its WAL (archive_mode is not off), else 0.", value=int(archiving)
+        )
+        yield CounterMetricFamily(
+            "clinic_wal_archived_segments", "WAL segments (and history files) archived since the server's statistics were reset.", value=archived
+        )
+        yield CounterMetricFamily(
+            "clinic_wal_archive_failures", "Failed attempts to archive a WAL segment since the server's statistics were reset.", value=failed
+        )
+        yield GaugeMetricFamily(
+            "clinic_wal_archive_failing", "1 when the last attempt to archive a WAL segment failed and none succeeded since, else 0.",
+            value=int(failing),
+        )
+        if archived_age is not None:
+            yield GaugeMetricFamily(
+                "clinic_wal_last_archived_age_seconds", "Seconds since a WAL segment was last archived.", value=float(archived_age)
+            )
+        if backup_age is not None:
+            yield GaugeMetricFamily(
+                "clinic_base_backup_age_seconds", "Seconds since the newest recorded base backup finished (table base_backups).",
+                value=float(backup_age),
+            )
 
 
 class MetricsResource:

@@ -131,6 +131,13 @@ class TempCluster:
             tail = self.log.read_text()[-2000:] if self.log.exists() else ""
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stdout}{done.stderr}{tail}")
 
+    def configure(self, **settings: str) -> None:
+        """Server settings appended to postgresql.conf (a base backup carries them along); a
+        setting that needs a restart takes effect at the next start."""
+        with open(self.data / "postgresql.conf", "a") as conf:
+            for name, value in settings.items():
+                conf.write(f"{name} = '{value}'\n")
+
     def start(self) -> None:
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
@@ -147,6 +154,55 @@ class TempCluster:
         with contextlib.suppress(Exception):
             self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# The compose system's pgBackRest settings (deploy/postgres/pgbackrest.conf), for a TempCluster.
+PGBACKREST_CONF = ROOT / "deploy" / "postgres" / "pgbackrest.conf"
+
+
+class PgBackRest:
+    """A pgBackRest repository of a TempCluster's own, configured by deploy/postgres/pgbackrest.conf
+    with only the paths changed (and the port and socket of the cluster), run as the postgres user."""
+
+    STANZA = "clinic"
+
+    def __init__(self, cluster: TempCluster):
+        self.cluster = cluster
+        self.repo = cluster.dir / "pgbackrest"
+        self.config = cluster.dir / "pgbackrest.conf"
+        text = PGBACKREST_CONF.read_text()
+        for line, replacement in (
+            ("repo1-path=/var/lib/pgbackrest", f"repo1-path={self.repo}\nlock-path={cluster.dir / 'pgbackrest-lock'}"
+                                               f"\nspool-path={cluster.dir / 'pgbackrest-spool'}"),
+            ("pg1-path=/var/lib/postgresql/data", f"pg1-path={cluster.data}\npg1-port={cluster.port}\npg1-socket-path={cluster.dir}"),
+        ):
+            assert line in text, f"{PGBACKREST_CONF} no longer says {line}"
+            text = text.replace(line, replacement)
+        self.config.write_text(text)
+        self.repo.mkdir()
+        if cluster._as:
+            shutil.chown(self.repo, "postgres", "postgres")
+        self._as = cluster._as
+
+    @property
+    def archive_command(self) -> str:
+        return f"pgbackrest --config={self.config} --stanza={self.STANZA} archive-push %p"
+
+    def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        cmd = [*self._as, "pgbackrest", f"--config={self.config}", f"--stanza={self.STANZA}", *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd="/")
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stdout}{done.stderr}")
+        return done
+
+    def info(self) -> dict:
+        return json.loads(self.run("--output=json", "info").stdout)[0]
+
+    def restore(self, *target: str) -> None:
+        """What deploy/postgres/restore runs in the backup container, into this cluster's (stopped)
+        data directory: the newest backup before the target, then replay up to it (to the end of
+        the archived WAL without one) and promote."""
+        self.run("restore", "--delta", *(["--target-action=promote", *target] if target else []))
 
 
 def create_database(admin_url: str, name: str, template: str | None = None) -> str:
@@ -395,6 +451,7 @@ class Load(threading.Thread):
         self.api_url = api_url
         self.seed = seed
         self.halt = threading.Event()
+        self.given_up = threading.Event()
         self.lock = threading.Lock()
         self.appointments: dict[str, Appointment] = {}
         self.attempts: list[Attempt] = []
@@ -414,6 +471,12 @@ class Load(threading.Thread):
         self.halt.set()
         self.join(timeout)
         return not self.is_alive()
+
+    def give_up(self, timeout: float = 30) -> bool:
+        """Stops at once, leaving unknown outcomes unknown (the server is gone for good): each
+        client ends after its call in flight. True when every client ended within timeout."""
+        self.given_up.set()
+        return self.stop(timeout)
 
     def outcomes(self) -> collections.Counter:
         with self.lock:
@@ -470,6 +533,8 @@ class Load(threading.Thread):
                 return False
             if kind == "end":
                 appointment.end_unknowns += 1
+            if self.given_up.is_set():
+                return False
             # Unknown (no answer, 503; any other 5xx fails the run but is retried alike): again,
             # the same body, soon; short pauses so that the figures measure the services.
             time.sleep(rng.uniform(0.02, 0.1))

@@ -12,7 +12,10 @@ database with `exec -T db psql`.
     4. --scale billing-worker=3 on a backlog while more ends arrive; still exactly once
     5. restart db: both services recover by themselves, nothing is lost; down + up on the
        existing volume keeps the data
-    6. stop (every container exits 0) and down -v, leaving nothing behind
+    6. backups: the backup service took a base backup and WAL is archived; the runbooks of
+       docs/operations.md, run as written (deploy/postgres/restore): a DROP TABLE undone to the
+       time the db log gives, then the data volume deleted and restored to the last archived WAL
+    7. stop (every container exits 0) and down -v, leaving nothing behind
 
 Plus the static checks: hadolint on the Dockerfile and `config -q` on the compose file.
 
@@ -56,7 +59,7 @@ APPOINTMENTS_PORT, BILLING_PORT = 8080, 8081  # inside the containers
 # shell must not change what the test runs) and set in the test's own env file.
 COMPOSE_VARS = re.compile(
     r"POSTGRES_\w+|APPOINTMENTS_\w+|BILLING_\w+|HOURLY_RATE|APP_TIMEZONE|LOG_LEVEL|LOG_FORMAT|PUBLISH_IP|REQUEST_TIMEOUT_SECONDS"
-    r"|CLINIC_\w+|COMPOSE_PROJECT_NAME|COMPOSE_FILE|COMPOSE_PROFILES"
+    r"|CLINIC_\w+|BACKUP_\w+|WAL_\w+|COMPOSE_PROJECT_NAME|COMPOSE_FILE|COMPOSE_PROFILES"
 )
 CENTS = decimal.Decimal("0.01")
 RATE = decimal.Decimal("200.00")  # HOURLY_RATE's default, which the test leaves in force
@@ -152,8 +155,9 @@ def test_dockerfile_passes_hadolint():
     hadolint = hadolint_binary()
     if hadolint is None:
         unavailable("hadolint is not installed: make venv (it installs requirements-dev.lock)")
-    proc = run([hadolint, "--no-color", str(ROOT / "Dockerfile")], check=False, timeout=60)
-    assert proc.returncode == 0, f"hadolint findings:\n{proc.stdout}{proc.stderr}"
+    for dockerfile in (ROOT / "Dockerfile", ROOT / "deploy" / "postgres" / "Dockerfile"):
+        proc = run([hadolint, "--no-color", str(dockerfile)], check=False, timeout=60)
+        assert proc.returncode == 0, f"hadolint findings in {dockerfile}:\n{proc.stdout}{proc.stderr}"
 
 
 def test_compose_file_is_valid(tmp_path):
@@ -479,7 +483,7 @@ def test_1_up_build_and_every_healthcheck_turns_healthy(stack):
     wait_for("the API's log line of that request", lambda: '"request_id":"through-the-edge"' in stack.compose("logs", "--no-color", "appointments").stdout, 15)
 
 
-PHYSICIAN = {step_name: uuid.uuid4() for step_name in ("basic", "two_apis", "stopped", "scale", "scale_live", "restart", "reup")}
+PHYSICIAN = {step_name: uuid.uuid4() for step_name in ("basic", "two_apis", "stopped", "scale", "scale_live", "restart", "reup", "pitr", "lost_volume")}
 START = dt.datetime(2024, 3, 1, 8, 0, 0)
 
 
@@ -646,8 +650,63 @@ def test_5_after_a_database_restart_both_services_recover_and_nothing_is_lost(st
     stack.assert_billed_exactly_once(PHYSICIAN["reup"], again, timeout=60)
 
 
+def runbook_commands() -> list[str]:
+    """The restore commands the runbooks of docs/operations.md give, as written there."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    return re.findall(r"^deploy/postgres/restore .*$", text, re.M)
+
+
+def restore(stack, *args: str) -> subprocess.CompletedProcess:
+    """deploy/postgres/restore, with this project's compose command (COMPOSE, as it documents)."""
+    env = {**stack.env, "COMPOSE": " ".join(stack.base)}
+    return run([str(ROOT / "deploy" / "postgres" / "restore"), *args], timeout=600, env=env)
+
+
 @step
-def test_6_everything_stops_cleanly_and_down_leaves_nothing(stack):
+def test_6_backups_undo_a_mistake_and_survive_losing_the_data_volume(stack):
+    # The backup service's first full backup, recorded for /metrics; WAL segments archived.
+    wait_for("the first base backup", lambda: stack.psql("SELECT count(*) FROM base_backups WHERE kind = 'full'") == [["1"]], 120)
+    ((archived, failing),) = stack.psql("SELECT archived_count, last_failed_time > last_archived_time FROM pg_stat_archiver")
+    assert int(archived) > 0 and failing in ("f", ""), (archived, failing)
+    metrics = stack.http.get(f"{stack.api}/metrics", timeout=5).text
+    assert re.search(r"^clinic_base_backup_age_seconds \d", metrics, re.M) and "clinic_wal_archive_failing 0.0" in metrics, metrics[-1500:]
+    commands = runbook_commands()
+    assert any(c.startswith("deploy/postgres/restore --time ") for c in commands) and "deploy/postgres/restore --latest" in commands, commands
+
+    def totals():
+        ((appointments, queued, entries),) = stack.psql(
+            "SELECT (SELECT count(*) FROM appointments), (SELECT count(*) FROM billing_queue), (SELECT count(*) FROM billing_entries)"
+        )
+        return int(appointments), int(queued), int(entries)
+
+    # An operator's mistake, then the runbook: the time of the DROP from the db log, restore to it.
+    before = totals()
+    stack.psql("DROP TABLE billing_queue CASCADE")
+    logs = stack.compose("logs", "--no-color", "--no-log-prefix", "db", timeout=60).stdout
+    found = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ UTC) .*statement: DROP TABLE billing_queue CASCADE", logs, re.M)
+    assert len(found) == 1, logs[-3000:]
+    done = restore(stack, "--time", found[0])
+    assert json.loads(done.stdout)["counts"]["pending"] == 0, done.stdout  # reconcile's report; exit 0
+    stack.wait_healthy(workers=1, timeout=120)
+    assert totals() == before
+    after_mistake = [stack.start_and_end(PHYSICIAN["pitr"], START + dt.timedelta(hours=i), 600 + i) for i in range(5)]
+    stack.assert_billed_exactly_once(PHYSICIAN["pitr"], after_mistake, timeout=60)
+
+    # Ends acknowledged, then (well past the RPO) the data volume is gone: the db killed, its
+    # volume deleted; the runbook restores the last archived WAL into a new one.
+    acked = [stack.start_and_end(PHYSICIAN["lost_volume"], START + dt.timedelta(hours=i), 900 + i) for i in range(10)]
+    time.sleep(6)
+    stack.compose("kill", "db")
+    stack.compose("rm", "-f", "-s", "db", "backup")
+    run(["docker", "volume", "rm", f"{stack.project}_pgdata"], timeout=60)
+    restore(stack, "--latest")
+    stack.wait_healthy(workers=1, timeout=120)
+    stack.assert_billed_exactly_once(PHYSICIAN["lost_volume"], acked, timeout=60)
+    assert totals() == (before[0] + 15, before[1] + 15, before[2] + 15)
+
+
+@step
+def test_7_everything_stops_cleanly_and_down_leaves_nothing(stack):
     began = time.monotonic()
     stack.compose("stop", "-t", "10", timeout=120)
     took = time.monotonic() - began

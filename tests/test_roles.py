@@ -38,13 +38,16 @@ COLUMNS = {
         "appointment_id", "total_price", "status", "attempts", "available_at", "last_error", "created_at", "processed_at", "request_id",
     ),
     "billing_entries": ("appointment_id", "total_price", "created_at", "txid"),
+    "base_backups": (
+        "label", "kind", "started_at", "stopped_at", "size_bytes", "repo_bytes", "wal_start", "wal_stop", "recorded_at",
+    ),
 }
 NONE: frozenset[str] = frozenset()
 
 # table x operation x role -> allowed. SELECT, INSERT and UPDATE are granted column by column, so
 # their cells are the columns allowed (every other column of the table is denied); the other
 # operations are allowed or not. Derived from the SQL of appointments.py, billing_worker.py and
-# telemetry.QUEUE_STATS; roles.sql says which query needs what.
+# telemetry.QUEUE_STATS and BACKUP_STATS; roles.sql says which query needs what.
 GRANTS = {
     "appointments": {
         "SELECT": {API: {"id", "physician_id", "patient_id", "start_date", "end_date", "hourly_rate", "price"},
@@ -69,6 +72,14 @@ GRANTS = {
         "DELETE": {API: False, WORKER: False},
         "TRUNCATE": {API: False, WORKER: False},
     },
+    # Written by the backup service as the superuser; read for /metrics (telemetry.BACKUP_STATS).
+    "base_backups": {
+        "SELECT": {API: {"stopped_at"}, WORKER: {"stopped_at"}},
+        "INSERT": {API: NONE, WORKER: NONE},
+        "UPDATE": {API: NONE, WORKER: NONE},
+        "DELETE": {API: False, WORKER: False},
+        "TRUNCATE": {API: False, WORKER: False},
+    },
     # Creating objects: a table in schema public, a temporary table, a schema.
     "database": {
         "CREATE TABLE": {API: False, WORKER: False},
@@ -89,6 +100,9 @@ SELECT id, gen_random_uuid(), gen_random_uuid(), '2020-12-01 13:00:00+00', '2020
 FROM unnest(ARRAY['{BILLED}', '{QUEUED}', '{ENDED}']::uuid[]) id;
 INSERT INTO billing_queue (appointment_id, total_price) VALUES ('{BILLED}', 200.00), ('{QUEUED}', 200.00);
 INSERT INTO billing_entries (appointment_id, total_price) VALUES ('{BILLED}', 200.00);
+INSERT INTO base_backups (label, kind, started_at, stopped_at, size_bytes, repo_bytes, wal_start, wal_stop)
+VALUES ('20201201-130000F', 'full', '2020-12-01 13:00:00+00', '2020-12-01 13:00:05+00', 1, 1,
+        '000000010000000000000002', '000000010000000000000003');
 """
 
 # A value for each column, valid in an INSERT of a new row and in an UPDATE of every seeded row
@@ -104,12 +118,18 @@ VALUES = {
         "last_error": "'probe'", "created_at": "now()", "processed_at": "NULL", "request_id": "'probe'",
     },
     "billing_entries": {"appointment_id": f"'{QUEUED}'", "total_price": "200.00", "created_at": "now()", "txid": "pg_current_xact_id()"},
+    "base_backups": {
+        "label": "'20201202-130000F'", "kind": "'full'", "started_at": "'2020-12-01 13:00:00+00'", "stopped_at": "'2020-12-01 13:00:05+00'",
+        "size_bytes": "1", "repo_bytes": "1", "wal_start": "'000000010000000000000004'", "wal_stop": "'000000010000000000000005'",
+        "recorded_at": "now()",
+    },
 }
 # An INSERT names these columns (those without a default that a new row needs), plus the cell's.
 INSERT_BASE = {
     "appointments": ("id", "physician_id", "patient_id", "start_date", "hourly_rate"),
     "billing_queue": ("appointment_id", "total_price"),
     "billing_entries": ("appointment_id", "total_price"),
+    "base_backups": ("label", "kind", "started_at", "stopped_at", "size_bytes", "repo_bytes", "wal_start", "wal_stop"),
 }
 
 
