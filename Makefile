@@ -111,10 +111,10 @@ chaos: venv
 # --budget-seconds, 660 by default); bench-smoke runs it at tiny sizes in about a minute (CI runs
 # that through tests/test_bench.py). BENCH_ARGS passes options, e.g.
 # BENCH_ARGS='--seconds 8 --soak-requests 100000'.
-# wrk and haproxy (Debian's packages) are installed first when missing.
+# wrk, haproxy and pgbackrest (Debian's packages) are installed first when missing.
 .PHONY: bench bench-smoke
-WRK_INSTALL := command -v wrk >/dev/null 2>&1 && command -v haproxy >/dev/null 2>&1 || { apt-get update -qq && \
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk haproxy >/dev/null; }
+WRK_INSTALL := command -v wrk >/dev/null 2>&1 && command -v haproxy >/dev/null 2>&1 && command -v pgbackrest >/dev/null 2>&1 || \
+	{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk haproxy pgbackrest >/dev/null; }
 bench: venv
 	@$(WRK_INSTALL)
 	$(PY) bench/bench.py $(BENCH_ARGS)

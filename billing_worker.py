@@ -184,7 +184,7 @@ RECONCILE_CHECKS = {
     # A position in the change feed that no transaction of this server can have written: a dump
     # restored into a new cluster, whose transaction counter is behind. New entries would sort
     # before these, unseen by consumers; the ledger refuses them (schema.sql) until the counter
-    # is moved past (docs/operations.md, Restore).
+    # is moved past (docs/operations.md, Loading a dump).
     "entry_position_ahead_of_server": """
         SELECT e.appointment_id, e.txid::text AS txid, e.created_at
         FROM billing_entries e

@@ -225,7 +225,7 @@ def positions_ahead() -> Problem:
     return Problem(
         503,
         "the ledger holds positions ahead of this server's transaction ids (a dump restored into a new cluster?); "
-        "see docs/operations.md, Restore",
+        "see docs/operations.md, Loading a dump",
         {"Retry-After": "60"},
     )
 

@@ -234,7 +234,7 @@ BEGIN
                         pg_snapshot_xmax(pg_current_snapshot())
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   DETAIL = 'New entries would sort before entries the change feed has handed out.',
-                  HINT = 'A pg_dump restored into a new cluster: move its transaction counter past them (docs/operations.md, Restore).';
+                  HINT = 'A pg_dump restored into a new cluster: move its transaction counter past them (docs/operations.md, Loading a dump).';
     END IF;
     RETURN NULL;
 END

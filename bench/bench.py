@@ -4,13 +4,15 @@
     make bench-smoke      # the same with --smoke: tiny sizes, the whole harness in about a minute
     .venv/bin/python bench/bench.py [--seconds 4] [--connections 4,16,64] [--backlog 100000]
         [--e2c-rates 200,500] [--e2c-seconds 10] [--soak-requests 500000] [--budget-seconds 660]
-        [--overload-connections 16,256,1000,4000] [--freeze-seconds 12] [--out FILE] [--smoke]
+        [--overload-connections 16,256,1000,4000] [--freeze-seconds 12] [--backup-appointments 1000000]
+        [--backup-load-seconds 4] [--out FILE] [--smoke]
 
 This file owns the harness; bench/bench_*.lua are its wrk scripts and bench/ceiling_app.py the
 app of the framework ceiling and of the design floor. Processes, wrk runs and tables come from
 bench/capacity.py, the cluster, the edge, the load client and the ledger check from
-tests/support.py. Needs wrk, pgbench, haproxy and the PostgreSQL server binaries (Debian: wrk,
-haproxy, and postgresql-15 with its client). Takes about 10 minutes on 2 cores (the soak's 500,000
+tests/support.py, the restore drill from tests/restore_drill.py. Needs wrk, pgbench, haproxy,
+pgbackrest and the PostgreSQL server binaries (Debian: wrk, haproxy, pgbackrest, and postgresql-15
+with its client). Takes about 10 minutes on 2 cores (the soak's 500,000
 requests are half of it; --budget-seconds keeps the whole under 11 minutes, see 6); --smoke takes
 about a minute. The table ends with the run's wall
 time and each part's.
@@ -77,6 +79,14 @@ Sections, as issue 11 numbers them:
    REQUEST_TIMEOUT_SECONDS, the probes' p99 while frozen, the first 2xx after the thaw, and the
    ledger against what the clients were told.
 
+9. Backups: tests/restore_drill.py's drill on a cluster of its own archiving with pgBackRest
+   (deploy/postgres/pgbackrest.conf, docker-compose.yml's archive_timeout), whose database holds
+   --backup-appointments ended and billed appointments (1,000,000): a full backup taken while 4
+   clients start and end appointments through a fresh API and a worker bills them, then the data
+   directory deleted under that load and the latest point restored: the backup's time and size,
+   the RTO (restore, WAL replay and promotion, the first acknowledged end) and the RPO (how old
+   the oldest acknowledged end that was lost), and the ledger against what the clients were told.
+
 Prints one table (value, ceiling, ratio, target from issue 11, PASS or MISS) and writes it with
 every raw figure and the machine's facts to bench/results/bench-<UTC yyyymmdd-hhmmss>.json (a
 smoke run: to the temporary directory), or --out. Every process it starts is stopped on exit, an
@@ -124,7 +134,11 @@ import config  # noqa: E402
 import web  # noqa: E402
 from capacity import WRK_THREADS, Processes, fmt_table, free_port, process_cpu, run_wrk, say, tail, wait_http, write_open_appointments  # noqa: E402
 from db import apply_schema  # noqa: E402
-from support import OVERLOAD_LUA, SERVICE_VARS, Edge, Load, Probes, TempCluster, children, create_database, drop_database, expected_price, freeze, ledger, thaw  # noqa: E402
+from restore_drill import Drill, archive_timeout, lose_the_volume_under_load, wake_checkpointer  # noqa: E402
+from support import (  # noqa: E402
+    OVERLOAD_LUA, SERVICE_VARS, Edge, Load, PgBackRest, Probes, TempCluster, as_role, children, create_database, drop_database,
+    expected_price, freeze, ledger, make_backlog, thaw,
+)
 
 CEILING_APP = BENCH / "ceiling_app.py"
 START_LUA = BENCH / "capacity_start.lua"  # POST /appointments; wrk adds the -H Authorization to it
@@ -171,6 +185,8 @@ TARGET_OVERLOAD_P99_MS = 500
 TARGET_PROBE_P99_MS = 100
 TARGET_DEADLINE_MARGIN_S = 0.5
 TARGET_FIRST_2XX_AFTER_THAW_S = 1.0
+# Issue 17: an end acknowledged more than this long before the data volume is lost survives.
+TARGET_RPO_S = 5.0
 
 # ---------------------------------------------------------------------------------------------
 # SQL of the harness itself (the service's own is read from its modules: PGBENCH_SCRIPTS).
@@ -1288,6 +1304,17 @@ def table_rows(report: dict) -> list[Row]:
     wrong = h["lost"] + h["wrong_total"] + h["unexpected"]
     rows.append(Row(8, f"acknowledged ends billed once ({h['ends_acknowledged']:,}); lost, wrong or unexpected", wrong, str(wrong),
                     target="0", ok=wrong == 0 and h["clients_finished"]))
+    b = s["9_backups"]
+    size = f"{b['appointments']:,} appointments, {b['database_mb']:,.0f} MB"
+    rows.append(Row(9, f"full backup under load s ({size}; {b['full_backup_repository_mb']:,.0f} MB stored)", b["full_backup_s"],
+                    f"{b['full_backup_s']:.1f}"))
+    rows.append(Row(9, "data directory lost: RTO s (restore + replay and promotion + first 2xx end)", b["rto_s"],
+                    f"{b['rto_s']:.1f} ({b['restore_s']:.1f} + {b['replay_and_promote_s']:.1f})"))
+    rows.append(Row(9, f"RPO: oldest acknowledged end lost, s old ({b['lost']} of {b['ends_acknowledged']:,} lost)", b["loss_window_s"],
+                    f"{b['loss_window_s']:.2f}", target=f"<= {TARGET_RPO_S:g} s", ok=b["loss_window_s"] <= TARGET_RPO_S))
+    wrong = b["lost_older_than_rpo"] + b["wrong_total"] + b["unexpected"] + b["feed_repeated"] + b["feed_missed"] + (b["reconcile_exit"] != 0)
+    rows.append(Row(9, "restored: lost older than the RPO, wrong, unexpected, feed repeated or missed, reconcile", wrong, str(wrong),
+                    target="0", ok=wrong == 0))
     return rows
 
 
@@ -1434,6 +1461,78 @@ def hung_database(run: Run, report: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# 9: backups
+
+
+class BackupBenchCluster(BenchCluster):
+    """Section 9's cluster: archiving with pgBackRest; every start (the drill restarts it after
+    the restore) a child of this script like BenchCluster's, stopped with pg_ctl."""
+
+    def __init__(self, processes: Processes):
+        super().__init__()
+        self.processes = processes
+
+    def start(self) -> None:
+        self.start_in(self.processes)
+
+
+def backups(run: Run, report: dict) -> None:
+    """Section 9: the restore drill of tests/test_backup.py on --backup-appointments ended and
+    billed appointments: a full backup under load, the data directory lost, the latest restored."""
+    cluster = BackupBenchCluster(run.cluster_processes)
+    repo = PgBackRest(cluster)
+    cluster.configure(archive_mode="on", archive_command=repo.archive_command, archive_timeout=archive_timeout())
+    api = worker = None
+    try:
+        cluster.start()
+        repo.run("stanza-create")
+        wake_checkpointer(cluster.url)
+        create_database(cluster.url, "backups")
+        url = psycopg.conninfo.make_conninfo(cluster.url, dbname="backups")
+        apply_schema(url)
+        t0 = time.monotonic()
+        with psycopg.connect(url, autocommit=True) as conn:
+            with conn.transaction():
+                make_backlog(conn, run.args.backup_appointments)
+                for statement in DRAIN_SQL:
+                    conn.execute(statement)
+            conn.execute("VACUUM ANALYZE")
+            size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        made_s = time.monotonic() - t0
+        say(f"    {run.args.backup_appointments:,} billed appointments made in {made_s:.0f} s: {size / 2**20:,.0f} MB")
+        api_port, worker_port = free_port(), free_port()
+        api = run.processes.start("api-backups", [sys.executable, "appointments.py"],
+                                  run.service_env(as_role(url, "appointments.py"), APPOINTMENTS_PORT=str(api_port)))
+        worker = run.processes.start("worker-backups", [sys.executable, "billing_worker.py"],
+                                     run.service_env(as_role(url, "billing_worker.py"), BILLING_PORT=str(worker_port), **Drill.WORKER_SETTINGS))
+        api_url, worker_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{worker_port}"
+        wait_http(api_url + "/ready", api)
+        wait_http(worker_url + "/ready", worker)
+        drill = Drill(cluster, repo, url, api_url, worker_url, seed=9, headers={"Authorization": f"Bearer {run.token}"},
+                      load_seconds=run.args.backup_load_seconds)
+        drill.load_with_a_backup_in_the_middle()
+        lost_at = lose_the_volume_under_load(drill)
+        times = drill.restore()
+        figures = drill.check(lost_at)
+        backup = repo.info()["backup"][-1]
+    finally:
+        for name, process in (("worker-backups", worker), ("api-backups", api)):
+            if process is not None:
+                run.retire(name, name, process)
+        cluster.destroy()
+    report["sections"]["9_backups"] = {
+        "appointments": run.args.backup_appointments,
+        "database_mb": round(size / 2**20, 1),
+        "archive_timeout": archive_timeout(),
+        "load_seconds_before_and_after_the_backup": run.args.backup_load_seconds,
+        "full_backup_s": round(drill.backup_s, 2),
+        "full_backup_repository_mb": round(backup["info"]["repository"]["delta"] / 2**20, 1),
+        **times,
+        **{k: v for k, v in figures.items() if k != "reconcile_output"},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # Machine facts
 
 
@@ -1535,6 +1634,10 @@ def execute(run: Run, report: dict) -> None:
         say("8. hung database")
         hung_database(run, report)
 
+    with run.timed("9. backups"):
+        say(f"9. backups: {run.args.backup_appointments:,} appointments, a full backup under load, the data directory lost, restored")
+        backups(run, report)
+
     with run.timed("6. memory floor"):
         memory_summary(run, report, ceiling_peak_kb)
 
@@ -1557,6 +1660,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overload-connections", default="16,256,1000,4000",
                         help="wrk connections of section 7, straight and through the edge (default 16,256,1000,4000; 16 is the ratios' base)")
     parser.add_argument("--freeze-seconds", type=float, default=12, help="how long section 8 freezes the server (default 12)")
+    parser.add_argument("--backup-appointments", type=int, default=1_000_000,
+                        help="ended and billed appointments in section 9's database (default 1,000,000)")
+    parser.add_argument("--backup-load-seconds", type=float, default=4, help="section 9's load before and after its backup (default 4)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes (1 s cells, 16 connections, backlog 2,000, soak 4,000, polling every 1 s, overload at 16 and 256, "
                              "a 3 s freeze): the harness runs, its figures mean little")
@@ -1569,6 +1675,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.e2c_seconds, args.e2c_ceiling_seconds, args.poll_seconds = 1, 1, args.poll_seconds or 1.0
         args.soak_requests, args.soak_baseline = 4_000, 1_000
         args.overload_connections, args.freeze_seconds = "16,256", 3
+        args.backup_appointments, args.backup_load_seconds = 2_000, 2
     args.connections = [int(x) for x in args.connections.split(",")]
     args.overload_connections = [int(x) for x in args.overload_connections.split(",")]
     if 16 not in args.overload_connections:
@@ -1579,9 +1686,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.soak_requests < args.backlog + args.soak_baseline:
         parser.error("--soak-requests must cover --backlog (the soak makes the backlog's ends) and --soak-baseline")
     if not args.bare_worker:
-        for tool in ("wrk", "pgbench", "setpriv", "haproxy"):
+        for tool in ("wrk", "pgbench", "setpriv", "haproxy", "pgbackrest"):
             if shutil.which(tool) is None:
-                parser.error(f"{tool} is not on the PATH (Debian: apt-get install wrk postgresql-client util-linux haproxy; make bench installs wrk and haproxy)")
+                parser.error(f"{tool} is not on the PATH (Debian: apt-get install wrk postgresql-client util-linux haproxy pgbackrest; "
+                             "make bench installs wrk, haproxy and pgbackrest)")
     return args
 
 

@@ -188,10 +188,17 @@ def test_compose_file_is_valid(tmp_path):
 
     config = yaml.safe_load(run([*example, "config"], env=clean_env(), timeout=60).stdout)
     services = config["services"]
-    assert set(services) == {"db", "migrate", "appointments", "edge", "billing-worker"}
+    assert set(services) == {"db", "backup", "migrate", "appointments", "edge", "billing-worker"}
     assert not any("container_name" in s for s in services.values()), "fixed names break --scale"
     assert "ports" not in services["db"], "the database is not published on the host"
-    assert services["db"]["image"] == "postgres:15-bookworm"
+    # The official image plus pgBackRest, one image for db and backup; archiving on by default.
+    assert services["db"]["build"]["context"] in ("deploy/postgres", str(ROOT / "deploy" / "postgres"))
+    assert (ROOT / "deploy" / "postgres" / "Dockerfile").read_text().count("FROM postgres:15-bookworm\n") == 1
+    assert services["backup"]["image"] == services["db"]["image"]
+    assert "archive_mode=on" in services["db"]["command"] and "archive_command=pgbackrest --stanza=clinic archive-push %p" in services["db"]["command"]
+    for name in ("db", "backup"):
+        volumes = [v if isinstance(v, dict) else dict(zip(("source", "target"), v.split(":"))) for v in services[name]["volumes"]]
+        assert {v["target"]: v["source"] for v in volumes}["/var/lib/pgbackrest"].endswith("pgbackrest"), "the repository's own volume"
     for name in ("migrate", "appointments", "billing-worker"):
         assert services[name]["image"] == services["appointments"]["image"], "one image for all"
         assert services[name].get("init") is True, name

@@ -800,7 +800,7 @@ def test_an_entry_ahead_of_the_servers_transaction_ids_stops_billing_without_spe
 
 # --- 9: a real pg_dump restored into a new cluster --------------------------------------------------------
 
-# docs/operations.md, Restore: the epoch to give pg_resetwal -e, or no row when the counter is past.
+# docs/operations.md, Loading a dump: the epoch to give pg_resetwal -e, or no row when the counter is past.
 EPOCH_TO_SET = """
 SELECT floor(max(txid)::text::numeric / 4294967296)::bigint + 1 AS epoch FROM billing_entries
 HAVING max(txid) >= pg_snapshot_xmax(pg_current_snapshot())
@@ -811,7 +811,7 @@ HAVING max(txid) >= pg_snapshot_xmax(pg_current_snapshot())
 def test_a_dump_restored_into_a_new_cluster_is_refused_until_pg_resetwal_moves_its_epoch_past_the_ledger(
     db_url, db, biller, feed_api, tmp_path
 ):
-    """docs/operations.md, Restore, step by step: pg_dump, schema, pg_restore table by table, then
+    """docs/operations.md, Loading a dump, step by step: pg_dump, schema, pg_restore table by table, then
     pg_resetwal -e; an old consumer's cursor goes on where it was."""
     for _ in range(3000):  # this server's counter well ahead of a new cluster's, whatever ran before
         db.execute("SELECT pg_current_xact_id()")

@@ -16,6 +16,7 @@ Without kubectl these tests are skipped, unless REQUIRE_KUBECTL=1, where they fa
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import inspect
 import os
 import re
@@ -119,7 +120,51 @@ BOOTSTRAP_INITDB = Obj(
     }
     | {"database": str, "owner": str}
 )
-BOOTSTRAP_CONFIGURATION = Obj({"initdb": BOOTSTRAP_INITDB, "recovery": ANY, "pg_basebackup": ANY})
+
+class ListOf:
+    """A list whose items are all of one type."""
+
+    def __init__(self, item):
+        self.item = item
+
+
+# Backups: BackupConfiguration, and Barman Cloud's BarmanObjectStoreConfiguration with what it
+# holds (github.com/cloudnative-pg/barman-cloud, pkg/api/config.go, which the reference links).
+SECRET_KEY_SELECTOR = Obj({"name": str, "key": str}, required=("name", "key"))
+S3_CREDENTIALS = Obj(
+    {"accessKeyId": SECRET_KEY_SELECTOR, "secretAccessKey": SECRET_KEY_SELECTOR, "region": SECRET_KEY_SELECTOR,
+     "sessionToken": SECRET_KEY_SELECTOR, "inheritFromIAMRole": bool}
+)
+WAL_BACKUP_CONFIGURATION = Obj(
+    {"compression": {"bzip2", "gzip", "lz4", "snappy", "xz", "zstd"}, "encryption": {"AES256", "aws:kms"}, "maxParallel": int,
+     "archiveAdditionalCommandArgs": list, "restoreAdditionalCommandArgs": list}
+)
+DATA_BACKUP_CONFIGURATION = Obj(
+    {"compression": {"bzip2", "gzip", "lz4", "snappy"}, "encryption": {"AES256", "aws:kms"}, "jobs": int,
+     "immediateCheckpoint": bool, "additionalCommandArgs": list, "restoreAdditionalCommandArgs": list}
+)
+BARMAN_OBJECT_STORE = Obj(
+    {"s3Credentials": S3_CREDENTIALS, "azureCredentials": ANY, "googleCredentials": ANY, "endpointURL": str, "endpointCA": ANY,
+     "destinationPath": str, "serverName": str, "wal": WAL_BACKUP_CONFIGURATION, "data": DATA_BACKUP_CONFIGURATION,
+     "tags": dict, "historyTags": dict},
+    required=("destinationPath",),
+)
+BACKUP_CONFIGURATION = Obj(
+    {"volumeSnapshot": ANY, "barmanObjectStore": BARMAN_OBJECT_STORE, "retentionPolicy": str, "target": {"primary", "prefer-standby"}}
+)
+RECOVERY_TARGET = Obj(
+    {"backupID": str, "targetTLI": str, "targetXID": str, "targetName": str, "targetLSN": str, "targetTime": str,
+     "targetImmediate": bool, "exclusive": bool}
+)
+BOOTSTRAP_RECOVERY = Obj(
+    {"backup": ANY, "source": str, "volumeSnapshots": ANY, "recoveryTarget": RECOVERY_TARGET, "database": str, "owner": str, "secret": ANY}
+)
+EXTERNAL_CLUSTER = Obj(
+    {"name": str, "connectionParameters": dict, "sslCert": ANY, "sslKey": ANY, "sslRootCert": ANY, "password": ANY,
+     "barmanObjectStore": BARMAN_OBJECT_STORE, "plugin": ANY},
+    required=("name",),
+)
+BOOTSTRAP_CONFIGURATION = Obj({"initdb": BOOTSTRAP_INITDB, "recovery": BOOTSTRAP_RECOVERY, "pg_basebackup": ANY})
 AFFINITY_CONFIGURATION = Obj(
     {
         "enablePodAntiAffinity": bool,
@@ -140,7 +185,7 @@ CLUSTER_SPEC = Obj(
         "replicationSlots replica superuserSecret certificates imagePullSecrets serviceAccountTemplate "
         "serviceAccountName walStorage ephemeralVolumeSource startDelay stopDelay smartShutdownTimeout "
         "switchoverDelay failoverDelay livenessProbeTimeout topologySpreadConstraints ephemeralVolumesSizeLimit "
-        "priorityClassName backup nodeMaintenanceWindow monitoring externalClusters logLevel "
+        "priorityClassName nodeMaintenanceWindow monitoring logLevel "
         "projectedVolumeTemplate env envFrom managed seccompProfile podSecurityContext securityContext "
         "tablespaces enablePDB plugins probes primaryLease minSyncReplicas maxSyncReplicas"
     ).split()}
@@ -156,11 +201,23 @@ CLUSTER_SPEC = Obj(
         "resources": RESOURCE_REQUIREMENTS,
         "primaryUpdateStrategy": {"unsupervised", "supervised"},
         "primaryUpdateMethod": {"switchover", "restart"},
+        "backup": BACKUP_CONFIGURATION,
+        "externalClusters": ListOf(EXTERNAL_CLUSTER),
     },
     required=("instances",),
 )
 CNPG_CLUSTER = Obj(
     {"apiVersion": {CNPG_API}, "kind": {"Cluster"}, "metadata": dict, "spec": CLUSTER_SPEC, "status": ANY},
+    required=("apiVersion", "kind", "metadata", "spec"),
+)
+SCHEDULED_BACKUP_SPEC = Obj(
+    {"suspend": bool, "immediate": bool, "schedule": str, "cluster": Obj({"name": str}, required=("name",)),
+     "backupOwnerReference": {"none", "self", "cluster"}, "target": {"primary", "prefer-standby"},
+     "method": {"barmanObjectStore", "volumeSnapshot", "plugin"}, "pluginConfiguration": ANY, "online": bool, "onlineConfiguration": ANY},
+    required=("schedule", "cluster"),
+)
+CNPG_SCHEDULED_BACKUP = Obj(
+    {"apiVersion": {CNPG_API}, "kind": {"ScheduledBackup"}, "metadata": dict, "spec": SCHEDULED_BACKUP_SPEC, "status": ANY},
     required=("apiVersion", "kind", "metadata", "spec"),
 )
 
@@ -169,6 +226,10 @@ def cnpg_errors(value, kind, path: str = "") -> list[str]:
     """Where ``value`` strays from ``kind`` (an Obj, an enum set, a JSON type or ANY)."""
     if kind is ANY:
         return []
+    if isinstance(kind, ListOf):
+        if not isinstance(value, list):
+            return [f"{path}: {value!r} is not a list"]
+        return [error for i, item in enumerate(value) for error in cnpg_errors(item, kind.item, f"{path}[{i}]")]
     if isinstance(kind, set):
         return [] if value in kind else [f"{path}: {value!r} is not one of {sorted(kind)}"]
     if isinstance(kind, type):
@@ -268,6 +329,7 @@ def test_kustomize_renders_every_object_into_the_namespace_and_no_secret(rendere
         ("ConfigMap", "clinic-billing-config-<hash>"),
         ("ConfigMap", "clinic-edge-config-<hash>"),
         ("Cluster", CLUSTER),
+        ("ScheduledBackup", "clinic-db-daily"),
     }
     assert {o["metadata"].get("namespace") for o in rendered} == {NAMESPACE}
     assert not [o for o in rendered if o["kind"] == "Secret"], "Secrets are made by hand or by CloudNativePG, never shipped"
@@ -292,7 +354,7 @@ def test_every_core_object_is_valid_in_strict_mode(rendered):
         else:
             assert validated == kv_utils.major_minor(KUBERNETES_VERSION)
     assert not failures, "\n\n".join(failures)
-    assert {o["kind"] for o in rendered if o["apiVersion"] == CNPG_API} == {"Cluster"}
+    assert {o["kind"] for o in rendered if o["apiVersion"] == CNPG_API} == {"Cluster", "ScheduledBackup"}
 
 
 def test_strict_validation_refuses_an_unknown_field(rendered):
@@ -322,6 +384,71 @@ def test_the_cnpg_field_check_catches_a_misspelt_field(rendered):
     assert cnpg_errors(cluster, CNPG_CLUSTER, "Cluster") == [
         "Cluster.spec.postgresql.synchronous.number: '1' is not a int",
         "Cluster.spec.postgresql.synchronous.dataDurabilty: not a field of this type in the CloudNativePG API reference",
+    ]
+
+
+def test_the_cluster_archives_compressed_wal_to_an_object_store_with_a_retention_policy(rendered):
+    """spec.backup: an object store, WAL and data compressed, a retention policy, credentials
+    only referenced (a Secret's name and key, never a value); archive_timeout bounds the RPO."""
+    spec = find(rendered, "Cluster", CLUSTER)["spec"]
+    backup = spec["backup"]
+    store = backup["barmanObjectStore"]
+    assert re.fullmatch(r"s3://[a-z0-9.-]+/", store["destinationPath"])
+    assert store["wal"]["compression"] and store["data"]["compression"]
+    assert re.fullmatch(r"[1-9][0-9]*[dwm]", backup["retentionPolicy"])
+    credentials = store["s3Credentials"]
+    assert set(credentials) == {"accessKeyId", "secretAccessKey"}
+    assert all(set(ref) == {"name", "key"} and ref["name"] == "clinic-backup-s3" for ref in credentials.values())
+    timeout = spec["postgresql"]["parameters"]["archive_timeout"]
+    assert re.fullmatch(r"[1-4]s", timeout), "an RPO under 5 s needs segments closed within a few seconds"
+
+
+def test_a_scheduled_backup_backs_the_cluster_up_daily_into_its_store(rendered):
+    scheduled = find(rendered, "ScheduledBackup", "clinic-db-daily")
+    assert cnpg_errors(scheduled, CNPG_SCHEDULED_BACKUP, "ScheduledBackup") == []
+    spec = scheduled["spec"]
+    assert spec["cluster"]["name"] == CLUSTER and spec["method"] == "barmanObjectStore" and spec["immediate"] is True
+    seconds, minutes, hours, *every = spec["schedule"].split()
+    assert every == ["*", "*", "*"] and seconds.isdigit() and minutes.isdigit() and hours.isdigit(), "six fields, once a day"
+
+
+def recovery_manifest() -> dict:
+    """The point-in-time recovery Cluster that docs/deploy.md shows."""
+    blocks = re.findall(r"```yaml\n(.*?)```", DEPLOY_GUIDE.read_text(), re.S)
+    found = [doc for block in blocks for doc in yaml.safe_load_all(block) if doc and doc.get("kind") == "Cluster"]
+    assert len(found) == 1, "one Cluster manifest in docs/deploy.md"
+    return found[0]
+
+
+def test_the_recovery_manifest_in_the_deploy_guide_restores_the_clusters_own_store_to_a_time(rendered):
+    """Valid against the API reference; it reads the store and server the Cluster archives to,
+    with the same referenced credentials, and stops at a time."""
+    restored = recovery_manifest()
+    assert cnpg_errors(restored, CNPG_CLUSTER, "Cluster") == []
+    cluster = find(rendered, "Cluster", CLUSTER)["spec"]
+    spec = restored["spec"]
+    recovery = spec["bootstrap"]["recovery"]
+    (source,) = [c for c in spec["externalClusters"] if c["name"] == recovery["source"]]
+    store, archived_to = source["barmanObjectStore"], cluster["backup"]["barmanObjectStore"]
+    assert store["destinationPath"] == archived_to["destinationPath"] and store["serverName"] == CLUSTER
+    assert store["s3Credentials"] == archived_to["s3Credentials"]
+    assert restored["metadata"]["name"] != CLUSTER and "backup" not in spec, "never archives into the store it restores from"
+    assert spec["imageName"] == cluster["imageName"] and spec["postgresql"]["synchronous"] == {
+        k: v for k, v in cluster["postgresql"]["synchronous"].items() if k != "failoverQuorum"
+    }
+    target = recovery["recoveryTarget"]["targetTime"]
+    assert dt.datetime.fromisoformat(target.replace(" ", "T")).tzinfo is not None, "a time with its zone"
+
+
+def test_the_cnpg_field_check_catches_a_misspelt_recovery_field():
+    restored = copy.deepcopy(recovery_manifest())
+    target = restored["spec"]["bootstrap"]["recovery"]["recoveryTarget"]
+    target["targetTme"] = target.pop("targetTime")
+    restored["spec"]["externalClusters"][0]["barmanObjectStore"]["wal"]["compression"] = "zip"
+    assert cnpg_errors(restored, CNPG_CLUSTER, "Cluster") == [
+        "Cluster.spec.bootstrap.recovery.recoveryTarget.targetTme: not a field of this type in the CloudNativePG API reference",
+        "Cluster.spec.externalClusters[0].barmanObjectStore.wal.compression: 'zip' is not one of "
+        "['bzip2', 'gzip', 'lz4', 'snappy', 'xz', 'zstd']",
     ]
 
 
@@ -596,5 +723,7 @@ def test_the_deploy_guide_names_every_secret_the_manifests_reference(rendered):
     for obj in workloads(rendered):
         names |= {item["valueFrom"]["secretKeyRef"]["name"] for item in env(obj).values() if "valueFrom" in item}
         names |= {v["secret"]["secretName"] for v in pod_spec(obj).get("volumes", []) if "secret" in v}
+    cluster = find(rendered, "Cluster", CLUSTER)["spec"]
+    names |= {ref["name"] for ref in cluster["backup"]["barmanObjectStore"]["s3Credentials"].values()}
     guide = DEPLOY_GUIDE.read_text()
     assert names and not sorted(n for n in names if n not in guide)
