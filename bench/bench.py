@@ -3,7 +3,7 @@
     make bench            # .venv/bin/python bench/bench.py, after installing wrk and haproxy when missing
     make bench-smoke      # the same with --smoke: tiny sizes, the whole harness in about a minute
     .venv/bin/python bench/bench.py [--seconds 4] [--connections 4,16,64] [--backlog 100000]
-        [--e2c-rates 200,500] [--e2c-seconds 10] [--soak-requests 500000] [--budget-seconds 660]
+        [--e2c-rates 200,500] [--e2c-seconds 10] [--soak-requests 500000] [--budget-seconds 840]
         [--overload-connections 16,256,1000,4000] [--freeze-seconds 12] [--backup-appointments 1000000]
         [--backup-load-seconds 4] [--out FILE] [--smoke]
 
@@ -12,8 +12,9 @@ app of the framework ceiling and of the design floor. Processes, wrk runs and ta
 bench/capacity.py, the cluster, the edge, the load client and the ledger check from
 tests/support.py, the restore drill from tests/restore_drill.py. Needs wrk, pgbench, haproxy,
 pgbackrest and the PostgreSQL server binaries (Debian: wrk, haproxy, pgbackrest, and postgresql-15
-with its client). Takes about 10 minutes on 2 cores (the soak's 500,000
-requests are half of it; --budget-seconds keeps the whole under 11 minutes, see 6); --smoke takes
+with its client). Takes about 12 minutes on 2 cores (the soak's 500,000
+requests are a third of it, section 9's million appointments a fifth; --budget-seconds keeps the
+whole under 14 minutes, see 6); --smoke takes
 about a minute. The table ends with the run's wall
 time and each part's.
 
@@ -63,7 +64,8 @@ Sections, as issue 11 numbers them:
    request); then the "fast" mix makes up the count at about twice the rate: 1 in 20
    POST /appointments, of the rest 1 in 3 GET /appointments/{id} and 2 in 3 GET /health. RSS is
    read after each part. Should the run otherwise end later than --budget-seconds after it
-   began (a reserve for sections 3, 5, 7 and 8 taken off, RESERVE_AFTER_SOAK_SECONDS), the fast part
+   began (a reserve for sections 3, 5, 7, 8 and 9 taken off, RESERVE_AFTER_SOAK_SECONDS and
+   RESERVE_BACKUPS_SECONDS), the fast part
    stops there: the table's row says the count reached, the JSON stopped_by_budget.
 
 7. Overload: POST /appointments (bench_overload.lua, server-made ids) at each
@@ -159,6 +161,9 @@ SOAK_ENDS_SHARE = 0.9
 # much per 100,000 charges of backlog: the soak's fast part stops where the run would otherwise end later
 # than --budget-seconds.
 RESERVE_AFTER_SOAK_SECONDS = (85, 50)  # (fixed, per 100,000 charges)
+# And section 9: a fixed part (the drill's load, restore and checks) and so much per 100,000
+# appointments of --backup-appointments (making them, the backup, the restore: 175 s for 1,000,000).
+RESERVE_BACKUPS_SECONDS = (25, 16)
 INTERFERENCE_CONNECTIONS = 16
 STARTUP_RUNS = 3  # `--once` on an empty queue, for the worker's start-up (their median)
 MIN_NET_DRAIN_SECONDS = 1.0  # below it, a drain's rate comes from the batch log lines (drains())
@@ -900,7 +905,8 @@ def soak(run: Run, report: dict) -> int:
     readings, ends_sent = [], 0
     watch = psycopg.connect(conn_url, autocommit=True)
     fixed, per_100k = RESERVE_AFTER_SOAK_SECONDS
-    reserve = fixed + per_100k * args.backlog / 100_000
+    backups_fixed, backups_per_100k = RESERVE_BACKUPS_SECONDS
+    reserve = fixed + per_100k * args.backlog / 100_000 + backups_fixed + backups_per_100k * args.backup_appointments / 100_000
     fast_deadline = run.began + args.budget_seconds - reserve if args.budget_seconds else math.inf
     cut = False
     for k, (name, requests, ends, mix) in enumerate(soak_phases(args.backlog, args.soak_baseline, args.soak_requests)):
@@ -1653,8 +1659,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--e2c-ceiling-seconds", type=float, default=5, help="seconds of each run of section 4's ceiling (default 5)")
     parser.add_argument("--poll-seconds", type=float, help="BILLING_POLL_SECONDS of the polling-only worker (default: the worker's own, 10)")
     parser.add_argument("--soak-requests", type=int, default=500_000, help="requests of the soak, section 6 (default 500,000, issue 11's count)")
-    parser.add_argument("--budget-seconds", type=float, default=660,
-                        help="the soak's fast part stops early should the run otherwise take longer than this (default 660: 11 minutes; "
+    parser.add_argument("--budget-seconds", type=float, default=840,
+                        help="the soak's fast part stops early should the run otherwise take longer than this (default 840: 14 minutes; "
                              "the table says the count reached); 0: no limit")
     parser.add_argument("--soak-baseline", type=int, default=10_000, help="requests after which the soak's first RSS is read (default 10,000)")
     parser.add_argument("--overload-connections", default="16,256,1000,4000",

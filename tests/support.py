@@ -198,6 +198,18 @@ class PgBackRest:
     def info(self) -> dict:
         return json.loads(self.run("--output=json", "info").stdout)[0]
 
+    def clinic_backup(self, kind: str, database_url: str) -> subprocess.CompletedProcess:
+        """deploy/postgres/clinic-backup, as the compose backup service runs it on demand: a
+        backup of that kind, recorded in the database's base_backups."""
+        info = psycopg.conninfo.conninfo_to_dict(database_url)
+        env = [f"PGBACKREST_CONFIG={self.config}", f"PGHOST={self.cluster.dir}", f"PGPORT={self.cluster.port}",
+               f"PGUSER={info.get('user', 'postgres')}", f"PGDATABASE={info['dbname']}", f"PATH={os.environ['PATH']}"]
+        cmd = [*self._as, "env", "-i", *env, str(ROOT / "deploy" / "postgres" / "clinic-backup"), kind]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd="/")
+        if done.returncode != 0:
+            raise RuntimeError(f"clinic-backup {kind} exited {done.returncode}: {done.stdout}{done.stderr}")
+        return done
+
     def restore(self, *target: str) -> None:
         """What deploy/postgres/restore runs in the backup container, into this cluster's (stopped)
         data directory: the newest backup before the target, then replay up to it (to the end of

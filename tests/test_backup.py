@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -100,6 +101,32 @@ def test_archive_timeout_closes_segments_after_a_start_only_once_the_checkpointe
         assert conn.execute(CURRENT_SEGMENT).fetchone()[0] != segment, "no segment closed in 3 s after the wake-up"
 
 
+def test_a_failing_archive_command_shows_on_metrics_until_a_segment_goes_again(archived_cluster, services):
+    """What ClinicWalArchivingFailing reads: the repository unwritable (here archive-push pointed
+    at a path that is not one), then writable again."""
+    cluster, repo = archived_cluster
+    db_url = fresh_database(cluster.url)
+    worker = services("billing_worker.py", db_url).wait_healthy()
+
+    def gauge(name: str) -> float | None:
+        found = re.search(rf"^{name} (\S+)$", requests.get(worker.base_url + "/metrics", timeout=5).text, re.M)
+        return float(found.group(1)) if found else None
+
+    with psycopg.connect(cluster.url, autocommit=True) as conn:
+        conn.execute("SELECT pg_switch_wal()")
+        wait_until(lambda: gauge("clinic_wal_archived_segments_total"), 10, what="a segment archived")
+        assert gauge("clinic_wal_archive_failing") == 0
+        conn.execute("ALTER SYSTEM SET archive_command = %s", (repo.archive_command.replace("archive-push", "--repo1-path=/nonexistent archive-push"),))
+        conn.execute("SELECT pg_reload_conf()")
+        conn.execute("CREATE TABLE writes (n int); INSERT INTO writes VALUES (1)")
+        conn.execute("SELECT pg_switch_wal()")
+        wait_until(lambda: gauge("clinic_wal_archive_failing") == 1, 15, what="the failure on /metrics")
+        assert gauge("clinic_wal_archive_failures_total") >= 1
+        conn.execute("ALTER SYSTEM RESET archive_command")
+        conn.execute("SELECT pg_reload_conf()")
+        wait_until(lambda: gauge("clinic_wal_archive_failing") == 0, 90, interval=0.5, what="archiving to work again")
+
+
 def test_a_dropped_table_is_restored_to_the_moment_before_the_mistake(drill, capsys):
     drill = drill(seed=17)
     drill.load_with_a_backup_in_the_middle()
@@ -125,6 +152,11 @@ def test_a_dropped_table_is_restored_to_the_moment_before_the_mistake(drill, cap
     with capsys.disabled():
         print("\nrestore to before DROP TABLE:", json.dumps({**times, "backup_s": round(drill.backup_s, 2), **figures}, default=str))
     assert figures["lost"] == 0, figures  # every acknowledged end came before the mistake
+    # What /metrics says of it: archiving on and working, the drill's backup recorded (clinic-backup).
+    metrics = requests.get(drill.consumer.base_url + "/metrics", timeout=5).text
+    assert "clinic_wal_archiving_enabled 1.0" in metrics and "clinic_wal_archive_failing 0.0" in metrics, metrics
+    assert re.search(r"^clinic_wal_archived_segments_total [1-9]", metrics, re.M), metrics
+    assert 0 <= float(re.search(r"^clinic_base_backup_age_seconds (\S+)", metrics, re.M).group(1)) < 600, metrics
     assert after_target == 0, "appointments started after the target are back"
     assert_exact(figures)
     assert figures["feed_seen_but_gone"] == 0 and figures["positions_kept"] == figures["positions_noted"] > 0, figures

@@ -116,6 +116,29 @@ def test_queue_gauges_show_pending_failed_and_the_oldest_due_age(config, pool, m
     assert 90 <= value(text, "clinic_billing_oldest_pending_age_seconds") < 100
 
 
+def test_backup_gauges_show_the_archiver_and_the_newest_recorded_base_backup(config, pool, db):
+    """pg_stat_archiver as the server has it (this one may not archive: tests/test_backup.py scrapes
+    one that does), and the age of the newest row of base_backups, absent while there is none."""
+    client = falcon.testing.TestClient(billing_worker.create_app(config, pool, telemetry.WorkerMetrics(pool)))
+    server = db.execute(
+        "SELECT current_setting('archive_mode') <> 'off' AS archiving,"
+        "       coalesce(last_failed_time > last_archived_time, false) AS failing FROM pg_stat_archiver"
+    ).fetchone()
+    archiving, failing = server["archiving"], server["failing"]
+    text = scrape(client)
+    assert value(text, "clinic_wal_archiving_enabled") == int(archiving)
+    assert value(text, "clinic_wal_archive_failing") == int(failing)
+    assert value(text, "clinic_wal_archive_failures_total") is not None
+    assert value(text, "clinic_base_backup_age_seconds") is None
+    db.execute(
+        "INSERT INTO base_backups (label, kind, started_at, stopped_at, size_bytes, repo_bytes, wal_start, wal_stop)"
+        " VALUES ('20201201-130000F', 'full', now() - interval '2 hours 5 minutes', now() - interval '2 hours', 1, 1, 'a', 'b'),"
+        "        ('20201130-130000F', 'full', now() - interval '26 hours', now() - interval '25 hours', 1, 1, 'a', 'b')"
+    )
+    wait_until(lambda: value(scrape(client), "clinic_base_backup_age_seconds") is not None, 5, what="the next reading")
+    assert 7200 <= value(scrape(client), "clinic_base_backup_age_seconds") < 7300  # the newest counts
+
+
 def test_a_scrape_takes_no_pooled_connection_yet_shows_a_charge_queued_just_before(pool, make_appointment):
     """The gauges come from the pool's monitor, on its own connection: a scrape never waits for a
     pooled connection or runs a query of its own (so it answers while the database hangs), yet it
