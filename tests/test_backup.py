@@ -32,6 +32,7 @@ import time
 
 import psycopg
 import pytest
+from psycopg import sql
 import requests
 
 import paging
@@ -116,7 +117,8 @@ def test_a_failing_archive_command_shows_on_metrics_until_a_segment_goes_again(a
         conn.execute("SELECT pg_switch_wal()")
         wait_until(lambda: gauge("clinic_wal_archived_segments_total"), 10, what="a segment archived")
         assert gauge("clinic_wal_archive_failing") == 0
-        conn.execute("ALTER SYSTEM SET archive_command = %s", (repo.archive_command.replace("archive-push", "--repo1-path=/nonexistent archive-push"),))
+        broken = repo.archive_command.replace("archive-push", "--repo1-path=/nonexistent archive-push")
+        conn.execute(sql.SQL("ALTER SYSTEM SET archive_command = {}").format(sql.Literal(broken)))  # a utility statement takes no parameters
         conn.execute("SELECT pg_reload_conf()")
         conn.execute("CREATE TABLE writes (n int); INSERT INTO writes VALUES (1)")
         conn.execute("SELECT pg_switch_wal()")
