@@ -1,6 +1,7 @@
 # Native commands for machines without Docker (docker compose up is the main way to run it).
 #   make run    apply schema.sql and roles.sql to $DATABASE_URL and run both services; Ctrl-C stops both
 #   make test   the whole test suite (see README)
+#   make test-fast   its in-process tier, in seconds (docs/testing.md)
 #   make lock   regenerate requirements.lock and requirements-dev.lock (see "Lock files" below)
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 
-.PHONY: venv lock schema run test chaos
+.PHONY: venv lock schema run test test-fast chaos
 
 # The suite's venv: exactly the two locks, every file checked against its sha256 (--require-hashes)
 # and wheels only (--only-binary), so nothing is built and no unpinned build dependency is fetched.
@@ -100,6 +101,10 @@ run: schema
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The in-process tier (docs/testing.md): no service process, no cluster of a test's own, no long run.
+test-fast: venv
+	$(PY) -m pytest -m "not slow and not compose and not processes" $(PYTEST_ARGS)
 
 # The chaos harness (tests/chaos.py): faults under load, then the money is counted.
 DURATION ?= 120

@@ -223,7 +223,7 @@ SELECT pg_notify('billing_queue', appointment_id::text) FROM queued
 # GET /appointments: newest first by start_date, ties broken by id, one more row than the page
 # shows (there is a next page when it comes). The WHERE clause is made of LIST_FILTERS, one per
 # filter given, so each combination is its own statement with its own plan: schema.sql has an
-# index for each filter (appointments_newest, _by_physician, _by_patient, _open), read backwards
+# index for each filter (appointments_newest, _by_physician, _by_patient, _open, _ended), read backwards
 # from the cursor (keyset: page 500 costs what page 1 costs). For a physician or patient with a
 # large share of all rows the planner may walk appointments_newest with a filter instead, at the
 # same cost; a set smaller than a page may be fetched by bitmap and sorted (tests/test_listings.py).

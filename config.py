@@ -118,9 +118,8 @@ class Config:
     listen: bool = True
     # Rows per transaction of the worker. Each claim steps over the dead entries that billed rows
     # left in billing_queue_due since the last VACUUM, so a drain in fewer, larger batches walks
-    # them fewer times: 100,000 charges drained at about 22,000/s in batches of 500, 28,000 in
-    # batches of 2,000 and 39,000 in batches of 5,000 (issue 11; 10,000 was no faster). A batch of
-    # 5,000 is one transaction of about 0.1-0.2 s.
+    # them fewer times; past 5,000 a drain is no faster (docs/performance.md), and a batch of 5,000
+    # is one transaction of about 0.1-0.2 s.
     batch_size: int = 5000
     max_attempts: int = 10
     # Requests that may wait on the change feed at once (each holds a waitress thread meanwhile).

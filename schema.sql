@@ -48,6 +48,7 @@ DO $$ BEGIN
         OR to_regclass('appointments_by_physician') IS NULL
         OR to_regclass('appointments_by_patient') IS NULL
         OR to_regclass('appointments_open') IS NULL
+        OR to_regclass('appointments_ended') IS NULL
         OR NOT EXISTS (SELECT 1 FROM pg_trigger
                        WHERE tgrelid = 'billing_entries'::regclass AND tgname = 'billing_entries_positions_follow_the_server')
         OR NOT EXISTS (SELECT 1 FROM pg_trigger
@@ -82,8 +83,11 @@ CREATE TABLE IF NOT EXISTS appointments (
 -- start_date, ties broken by id, one page after another by keyset ((start_date, id) < the
 -- cursor's), never OFFSET, so that a deep page costs what the first one does. One index per
 -- filter, each read backwards from the cursor:
---   no filter, and status=ended (nearly every row is ended: the filter drops the few open ones)
+--   no filter
 CREATE INDEX IF NOT EXISTS appointments_newest ON appointments (start_date, id);
+--   status=ended. Partial, so that a page never walks past open appointments, however many were
+--   left open and forgotten (with physician_id= or patient_id=, their own indexes serve it).
+CREATE INDEX IF NOT EXISTS appointments_ended ON appointments (start_date, id) WHERE end_date IS NOT NULL;
 --   physician_id= (with any status or patient)
 CREATE INDEX IF NOT EXISTS appointments_by_physician ON appointments (physician_id, start_date, id);
 --   patient_id= (a patient's history, with any status)

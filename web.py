@@ -498,9 +498,9 @@ WAITRESS_SETTINGS = {
 }
 
 
-# Waitress threads serving requests (bench/ceiling_app.py serves with the same). Measured under
-# wrk at 16 connections on 2 cores (issue 11): 3 and 4 threads served fewer starts a second than
-# 8, 12 no more, and each more thread waits on the GIL more often.
+# Waitress threads serving requests (bench/ceiling_app.py serves with the same). With fewer, a
+# request waits for a thread while others wait on the database; with more, each waits on the GIL
+# more often (docs/performance.md has the measurement).
 THREADS = 8
 
 

@@ -1,4 +1,4 @@
-"""make bench: every figure of the service next to this machine's own ceiling for it, measured in the same run (issue 11).
+"""make bench: every figure of the service next to this machine's own ceiling for it, measured in the same run.
 
     make bench            # .venv/bin/python bench/bench.py, after installing wrk and haproxy when missing
     make bench-smoke      # the same with --smoke: tiny sizes, the whole harness in about a minute
@@ -27,13 +27,13 @@ run, which every wrk request carries, so access control is in the hot path); the
 JSON) go to files. Nothing is pinned to a CPU. The SQL that pgbench and the ceilings run comes from
 the modules' constants at run time (PGBENCH_SCRIPTS names them), never copied.
 
-Sections, as issue 11 numbers them:
+Sections:
 1. Framework ceiling: bench/ceiling_app.py (a JSON POST, no database) on web.make_server, with
    wrk -t2 at each --connections: a warm-up of WARMUP_SECONDS, then --seconds measured.
 2. POST /appointments (server-made ids) and POST /appointments/{id}/end (appointments started in
    SQL beforehand, each ended once), the same wrk settings: req/s, p50, p99, max, errors (wrk's:
    sockets, and answers of 400 and over; the API sends no 1xx or 3xx). Next to section 1 at the
-   same connections (the ratio issue 11's targets are about) and to pgbench (-M prepared, as
+   same connections (the ratio the targets are about) and to pgbench (-M prepared, as
    clinic_api, as many clients as connections) running the endpoint's own SQL (PGBENCH_SCRIPTS).
    The start is also next to the design floor, measured alike at each connection count:
    `ceiling_app.py --with-insert`, the framework ceiling's app whose POST also runs
@@ -57,7 +57,7 @@ Sections, as issue 11 numbers them:
    backlog, against the same run's idle window just before the worker started (bench_timed_start.lua).
 6. Memory and soak: peak RSS (VmHWM) of every service process of the run, next to a process with
    only falcon and waitress imported (MEMORY_FLOOR); the API's RSS (VmRSS) after --soak-baseline
-   and after --soak-requests (issue 11's 10,000 and 500,000) requests, on a fresh API process at
+   and after --soak-requests (10,000 and 500,000) requests, on a fresh API process at
    16 connections (bench_soak.lua, soak_phases()). First the "ends" mix until the backlog's ends
    are all sent: SOAK_ENDS_SHARE of the requests are those ends, the rest GET /appointments/{id}
    and POST /appointments 3:1 (the baseline is read within it, so it has seen every kind of
@@ -89,7 +89,7 @@ Sections, as issue 11 numbers them:
    the RTO (restore, WAL replay and promotion, the first acknowledged end) and the RPO (how old
    the oldest acknowledged end that was lost), and the ledger against what the clients were told.
 
-Prints one table (value, ceiling, ratio, target from issue 11, PASS or MISS) and writes it with
+Prints one table (value, ceiling, ratio, target, PASS or MISS) and writes it with
 every raw figure and the machine's facts to bench/results/bench-<UTC yyyymmdd-hhmmss>.json (a
 smoke run: to the temporary directory), or --out. Every process it starts is stopped on exit, an
 error, Ctrl-C or SIGTERM, and should this script be killed outright (SIGKILL) the kernel still
@@ -172,7 +172,7 @@ MIN_NET_DRAIN_SECONDS = 1.0  # below it, a drain's rate comes from the batch log
 EXTRA_SERVICE_VARS = ("BILLING_LISTEN",)
 ROLES = {"api": "clinic_api", "worker": "clinic_worker"}
 
-# Issue 11's targets (same run, ratios; this 2-core machine).
+# The targets (same run, ratios; this 2-core machine).
 TARGET_START_VS_FRAMEWORK = 0.6
 TARGET_END_VS_FRAMEWORK = 0.5
 TARGET_MAX_MS_AT_64 = 1000
@@ -190,7 +190,7 @@ TARGET_OVERLOAD_P99_MS = 500
 TARGET_PROBE_P99_MS = 100
 TARGET_DEADLINE_MARGIN_S = 0.5
 TARGET_FIRST_2XX_AFTER_THAW_S = 1.0
-# Issue 17: an end acknowledged more than this long before the data volume is lost survives.
+# The backups' promise: an end acknowledged more than this long before the data volume is lost survives.
 TARGET_RPO_S = 5.0
 
 # ---------------------------------------------------------------------------------------------
@@ -1658,7 +1658,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--e2c-seconds", type=float, default=10, help="seconds of each section 4 run (default 10)")
     parser.add_argument("--e2c-ceiling-seconds", type=float, default=5, help="seconds of each run of section 4's ceiling (default 5)")
     parser.add_argument("--poll-seconds", type=float, help="BILLING_POLL_SECONDS of the polling-only worker (default: the worker's own, 10)")
-    parser.add_argument("--soak-requests", type=int, default=500_000, help="requests of the soak, section 6 (default 500,000, issue 11's count)")
+    parser.add_argument("--soak-requests", type=int, default=500_000, help="requests of the soak, section 6 (default 500,000)")
     parser.add_argument("--budget-seconds", type=float, default=840,
                         help="the soak's fast part stops early should the run otherwise take longer than this (default 840: 14 minutes; "
                              "the table says the count reached); 0: no limit")

@@ -10,24 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import uuid
-from pathlib import Path
 
 import falcon.testing
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import appointments
+import billing_worker
+import feed
+from config import Config
+from db import make_pool
 
-import appointments  # noqa: E402
-import billing_worker  # noqa: E402
-import feed  # noqa: E402
-from config import Config  # noqa: E402
-from db import make_pool  # noqa: E402
-
-from support import (  # noqa: E402
+from support import (
     Service,
     TempCluster,
     apply_schema,
@@ -38,6 +34,24 @@ from support import (  # noqa: E402
 )
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+# The tiers (docs/testing.md): a test that starts service processes is marked `processes`, found
+# by the fixtures that start them, so that `make test-fast` (-m "not slow and not compose and not
+# processes") keeps to the in-process tier. A module whose own fixtures start a cluster or a tool
+# marks itself.
+PROCESS_FIXTURES = frozenset({"services", "live"})
+# Fixtures that load a large data set (test_listings' plans over 150,000 and 220,000 rows): slow.
+LARGE_DATA_FIXTURES = frozenset({"loaded", "forgotten_open"})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        used = set(item.fixturenames)
+        if PROCESS_FIXTURES & used:
+            item.add_marker(pytest.mark.processes)
+        if LARGE_DATA_FIXTURES & used:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

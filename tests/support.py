@@ -22,13 +22,15 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import NoReturn
 
 import psycopg
 import psycopg.rows
+import pytest
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from db import apply_schema  # noqa: E402
+
+from db import apply_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE_VARS = (
@@ -46,6 +48,21 @@ def free_port() -> int:
 
 def with_dbname(url: str, dbname: str) -> str:
     return psycopg.conninfo.make_conninfo(url, dbname=dbname)
+
+
+def unavailable(reason: str, required_by: str) -> NoReturn:
+    """Skips the test, saying why; or fails it when the environment sets ``required_by`` to 1:
+    CI does for every tool it installs, so that a test that cannot run there never passes as skipped."""
+    if os.environ.get(required_by) == "1":
+        pytest.fail(f"{reason} ({required_by}=1, so this is a failure, not a skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_tools(*tools: str, required_by: str) -> None:
+    """unavailable() unless every one of ``tools`` is on the PATH (each a Debian package's name too)."""
+    lacking = [tool for tool in tools if shutil.which(tool) is None]
+    if lacking:
+        unavailable(f"{' and '.join(lacking)} not on the PATH (apt-get install {' '.join(lacking)})", required_by)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):

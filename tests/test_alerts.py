@@ -8,7 +8,6 @@ a summary, a runbook link and unit tests that see it fire and stay quiet) need o
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -17,13 +16,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support import unavailable
+
+# promtool, a tool of its own, for every rule test.
+pytestmark = pytest.mark.processes
+
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "deploy" / "prometheus"
 ALERTS = PROM_DIR / "alerts.yml"
 ALERTS_TEST = PROM_DIR / "alerts_test.yml"
 CONFIG = PROM_DIR / "prometheus.yml"
 OPERATIONS_GUIDE = ROOT / "docs" / "operations.md"
-REQUIRED = os.environ.get("REQUIRE_PROMETHEUS") == "1"
 SEVERITIES = {"page", "ticket"}
 
 
@@ -31,10 +34,7 @@ SEVERITIES = {"page", "ticket"}
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        reason = "promtool is not on PATH (apt-get install prometheus)"
-        if REQUIRED:
-            pytest.fail(f"{reason} (REQUIRE_PROMETHEUS=1, so this is a failure, not a skip)", pytrace=False)
-        pytest.skip(reason)
+        unavailable("promtool is not on the PATH (apt-get install prometheus)", "REQUIRE_PROMETHEUS")
     return path
 
 

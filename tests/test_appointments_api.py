@@ -284,6 +284,7 @@ def test_head_answers_like_get_without_a_body(api, billing_api, make_appointment
     assert api.simulate_head(f"/appointments/{uuid.uuid4()}").status_code == 404
 
 
+@pytest.mark.slow  # waits out several reconnection rounds
 def test_a_pool_without_its_database_retries_about_four_times_a_second_not_faster_nor_backing_off(config):
     """After a failover the new leader must be found within a second, and a server that is down
     must not be flooded: the pool's retries, all its lost connections together, are spaced by

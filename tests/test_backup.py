@@ -25,9 +25,7 @@ Needs pgbackrest (Debian's package); skipped without it, unless REQUIRE_PGBACKRE
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import time
 
 import psycopg
@@ -37,7 +35,7 @@ import requests
 
 import paging
 from restore_drill import RPO_SECONDS, Drill, archive_timeout, assert_exact, lose_the_volume_under_load, wake_checkpointer
-from support import PgBackRest, TempCluster, fresh_database, ledger, wait_until
+from support import PgBackRest, TempCluster, fresh_database, ledger, require_tools, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +43,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def archiving_cluster():
     """A started cluster archiving into a stanza of its own; the checkpointer not woken yet."""
-    if shutil.which("pgbackrest") is None:
-        reason = "pgbackrest is not installed (apt-get install pgbackrest)"
-        if os.environ.get("REQUIRE_PGBACKREST") == "1":
-            pytest.fail(f"{reason}; REQUIRE_PGBACKREST=1 makes this a failure", pytrace=False)
-        pytest.skip(reason)
+    require_tools("pgbackrest", required_by="REQUIRE_PGBACKREST")
     cluster = TempCluster()
     repo = PgBackRest(cluster)
     cluster.configure(archive_mode="on", archive_command=repo.archive_command, archive_timeout=archive_timeout())

@@ -13,13 +13,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from support import require_tools
+
+# bench/bench.py --smoke: a cluster, the services, wrk, HAProxy and pgBackRest.
+pytestmark = pytest.mark.processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,11 +42,7 @@ SECTIONS = ("1_framework_ceiling", "2_api", "3_drain", "4_end_to_charge", "5_int
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    lacking = [tool for tool in ("wrk", "haproxy", "pgbackrest") if shutil.which(tool) is None]
-    if lacking:
-        if os.environ.get("REQUIRE_WRK") == "1":
-            pytest.fail(f"{' and '.join(lacking)} not installed and REQUIRE_WRK=1 (apt-get install wrk haproxy pgbackrest)")
-        pytest.skip(f"{' and '.join(lacking)} not installed (apt-get install wrk haproxy pgbackrest; make bench installs them)")
+    require_tools("wrk", "haproxy", "pgbackrest", required_by="REQUIRE_WRK")
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
     done = subprocess.run([sys.executable, "bench/bench.py", "--smoke", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=240)
@@ -56,7 +55,7 @@ def is_number(value) -> bool:
 
 
 def test_smoke_run_reports_every_section_next_to_its_ceiling(smoke):
-    """Each of issue 11's six sections has figures; every figure of 2-6 has a numeric value and ceiling."""
+    """Every section has figures; every figure of 2-6 has a numeric value and ceiling."""
     report, printed = smoke
     assert set(SECTIONS) <= set(report["sections"])
     for number in range(1, 9):

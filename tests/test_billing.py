@@ -64,6 +64,7 @@ def test_two_billers_racing_on_one_backlog_never_claim_a_row_twice(config, pool,
     assert_billed_exactly_once(db, ended=3000)
 
 
+@pytest.mark.slow  # waits out idle_in_transaction_session_timeout
 def test_a_frozen_worker_loses_its_rows_to_others_and_its_late_commit_fails(config, biller, db):
     """idle_in_transaction_session_timeout ends a worker session stuck mid-transaction (SIGSTOP,
     a paused VM): its locks go, another worker bills the rows, and the late COMMIT is refused."""
@@ -194,6 +195,7 @@ def test_a_batch_of_rows_already_billed_elsewhere_is_not_billed_again(make_appoi
     assert ledger(db)["entries"] == 1 and ledger(db)["status_mismatch"] == 0
 
 
+@pytest.mark.slow  # plans on a large backlog
 @pytest.mark.parametrize(
     "query, params, index",
     [

@@ -48,10 +48,11 @@ import pytest
 import requests
 import yaml
 
+import support
+
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIRED = os.environ.get("REQUIRE_DOCKER") == "1"
 IMAGE = "clinic-billing:compose-test"  # one fixed tag: warm runs reuse the build cache
 DB_USER, DB_NAME = "clinic", "clinic_e2e"  # not the defaults, to prove they are configurable
 APPOINTMENTS_PORT, BILLING_PORT = 8080, 8081  # inside the containers
@@ -66,9 +67,7 @@ RATE = decimal.Decimal("200.00")  # HOURLY_RATE's default, which the test leaves
 
 
 def unavailable(reason: str):
-    if REQUIRED:
-        pytest.fail(f"{reason} (REQUIRE_DOCKER=1, so this is a failure, not a skip)", pytrace=False)
-    pytest.skip(reason)
+    support.unavailable(reason, "REQUIRE_DOCKER")
 
 
 def run(cmd: list[str], timeout: float = 120, check: bool = True, env=None) -> subprocess.CompletedProcess:
@@ -676,7 +675,7 @@ def test_6_backups_undo_a_mistake_and_survive_losing_the_data_volume(stack):
     ((archived, failing),) = stack.psql("SELECT archived_count, last_failed_time > last_archived_time FROM pg_stat_archiver")
     assert int(archived) > 0 and failing in ("f", ""), (archived, failing)
     # A write is archived within a few seconds by itself (archive_timeout, which the healthcheck's
-    # wake-up makes count from the server's start): the RPO the README states.
+    # wake-up makes count from the server's start): the RPO docs/operations.md states.
     ((segment,),) = stack.psql("SELECT last_archived_wal FROM pg_stat_archiver")
     stack.start_and_end(PHYSICIAN["pitr"], START - dt.timedelta(days=1), 60)
     wait_for("the write's segment archived", lambda: stack.psql("SELECT last_archived_wal FROM pg_stat_archiver") != [[segment]], 5, 0.2)

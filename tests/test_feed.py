@@ -46,6 +46,9 @@ from support import (
     wait_until,
 )
 
+# A PostgreSQL cluster of this module's own (admin_url below): the processes tier.
+pytestmark = pytest.mark.processes
+
 CHANGES = "/billing-entries/changes"
 
 # The feed's order, read straight from the table: what a consumer must end up with.

@@ -1256,6 +1256,7 @@ def appointments_machine(api, billing_api, biller, db, feed: FeedFollower):
     return AppointmentsMachine
 
 
+@pytest.mark.slow  # hypothesis's state machine, many runs
 def test_random_starts_ends_repeats_and_reads_keep_model_api_and_ledger_in_agreement(api, billing_api, biller, db):
     feed = FeedFollower(billing_api, db)
     machine = appointments_machine(api, billing_api, biller, db, feed)

@@ -626,8 +626,8 @@ def keyset_cases(db, people) -> dict[str, tuple[list[str], dict[str, Any], str]]
         "patient, deep": (["patient_id", "before"], listing_args(**patient, before=by_patient), "appointments_by_patient"),
         "open": (["open"], listing_args(), "appointments_open"),
         "open, deep": (["open", "before"], listing_args(before=open_deep), "appointments_open"),
-        "ended": (["ended"], listing_args(), "appointments_newest"),
-        "ended, deep": (["ended", "before"], listing_args(before=ended_deep), "appointments_newest"),
+        "ended": (["ended"], listing_args(), "appointments_ended"),
+        "ended, deep": (["ended", "before"], listing_args(before=ended_deep), "appointments_ended"),
         "patient+ended": (["patient_id", "ended"], listing_args(**patient), "appointments_by_patient"),
         "patient+ended, deep": (["patient_id", "ended", "before"], listing_args(**patient, before=by_patient), "appointments_by_patient"),
         "physician+ended, deep": (["physician_id", "ended", "before"], listing_args(**physician, before=by_physician), "appointments_by_physician"),
@@ -643,6 +643,9 @@ KEYSET_CASES = ["no filter", "no filter, deep", "physician", "physician, deep", 
 # costs the planner about what its own index does; which of the two it takes depends on the
 # sample ANALYZE drew. Either is a keyset walk without a sort (the buffer test below bounds it).
 EITHER_WAY = {"physician, deep", "patient, deep", "patient+ended, deep", "physician+ended, deep"}
+# With nearly every row ended, appointments_newest and appointments_ended cost the same to walk:
+# either may be taken (the forgotten-open test below is where only appointments_ended will do).
+NEARLY_ALL_ENDED = {"ended", "ended, deep"}
 
 
 @pytest.mark.parametrize("case", KEYSET_CASES)
@@ -651,7 +654,8 @@ def test_each_listing_reads_its_index_backwards_without_seq_scan_or_sort(plans_d
     walks the index schema.sql made for it from the cursor on, and joins billing_queue by its key."""
     filters, args, index = keyset_cases(plans_db, people)[case]
     plan, text = explain(plans_db, appointments.list_query(filters), args)
-    allowed = {index, "appointments_newest"} if case in EITHER_WAY else {index}
+    # (appointments_ended is appointments_newest's walk for a filter that has status=ended.)
+    allowed = {index, "appointments_newest", "appointments_ended"} if case in EITHER_WAY | NEARLY_ALL_ENDED else {index}
     print(f"\n--- {case}: {filters}: {scans_of(plan, 'appointments')}\n{text}")
     kinds = [node["Node Type"] for node in nodes(plan)]
     assert "Seq Scan" not in kinds and "Sort" not in kinds and "Incremental Sort" not in kinds, text
@@ -687,7 +691,8 @@ def test_combinations_use_the_listing_indexes_and_sort_only_what_is_smaller_than
     used = {node["Index Name"] for node in nodes(plan) if node.get("Index Name", "").startswith("appointments_")}
     print(f"\n--- {case}: {filters}: indexes {sorted(used)}, sort: {bool(sorts)}\n{text}")
     assert "Seq Scan" not in [node["Node Type"] for node in nodes(plan)], text
-    assert used and used <= {"appointments_by_physician", "appointments_by_patient", "appointments_open", "appointments_newest"}, text
+    assert used and used <= {"appointments_by_physician", "appointments_by_patient", "appointments_open", "appointments_newest",
+                             "appointments_ended"}, text
     for sort in sorts:
         assert sort["Plan Rows"] <= 101, f"a sort over more than a page:\n{text}"
 
@@ -775,6 +780,44 @@ def test_a_deep_page_reads_as_many_buffers_as_the_first_unlike_offset(plans_db, 
     assert deep_buffers <= 2 * first_buffers + 10, (first_text, deep_text)
     assert first_buffers <= 2 * deep_buffers + 10, (first_text, deep_text)
     assert offset_buffers > 5 * deep_buffers, offset_text
+
+
+# Appointments left open and forgotten pile up in a real clinic: FORGOTTEN of them, all newer than
+# every ended one, the newest-first order a status=ended page must not walk through.
+FORGOTTEN, ENDED_BEFORE = 200_000, 20_000
+LOAD_FORGOTTEN = """
+INSERT INTO appointments (id, physician_id, patient_id, start_date, end_date, hourly_rate, price)
+SELECT gen_random_uuid(), gen_random_uuid(), gen_random_uuid(),
+       timestamptz '2020-01-01 08:00:00+00' + g * interval '1 minute',
+       CASE WHEN g <= %(ended)s THEN timestamptz '2020-01-01 08:30:00+00' + g * interval '1 minute' END,
+       200.00, CASE WHEN g <= %(ended)s THEN 100.00 END
+FROM generate_series(1, %(rows)s) g
+"""
+
+
+@pytest.fixture(scope="module")
+def forgotten_open(admin_url, template_db):
+    name = f"clinic_test_forgotten_{uuid.uuid4().hex[:8]}"
+    url = create_database(admin_url, name, template=template_db)
+    try:
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            conn.execute(LOAD_FORGOTTEN, {"rows": ENDED_BEFORE + FORGOTTEN, "ended": ENDED_BEFORE})
+            conn.execute("VACUUM ANALYZE appointments")
+            yield conn
+    finally:
+        drop_database(admin_url, name)
+
+
+def test_an_ended_listing_never_walks_past_forgotten_open_appointments(forgotten_open):
+    """status=ended with 200,000 newer open appointments: appointments_ended, read backwards, and
+    the first page reads about what an unfiltered first page does (no walk past the open rows)."""
+    plan, text = explain(forgotten_open, appointments.list_query(["ended"]), listing_args())
+    [(kind, used)] = scans_of(plan, "appointments")
+    assert (kind, used) == ("Index Scan", "appointments_ended") and "Sort" not in text, text
+    ended_buffers, ended_text = buffers(forgotten_open, appointments.list_query(["ended"]), listing_args())
+    first_buffers, first_text = buffers(forgotten_open, appointments.list_query([]), listing_args())
+    print(f"\n--- buffers: status=ended {ended_buffers}, no filter {first_buffers}\n{ended_text}")
+    assert ended_buffers <= 2 * first_buffers + 10, (ended_text, first_text)
 
 
 def test_a_deep_page_through_http_is_the_same_rows_as_sql_by_offset(loaded, plans_db, people):

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import socket
 import statistics
 import time
@@ -26,11 +24,10 @@ import uuid
 import pytest
 import requests
 
-from support import Edge, Probes, run_wrk, wait_until
+from support import Edge, Probes, require_tools, run_wrk, wait_until
 
 pytestmark = pytest.mark.slow
 
-REQUIRED = os.environ.get("REQUIRE_HAPROXY") == "1"
 LEVELS = (16, 256, 1000, 4000)
 SECONDS = 4
 WARMUP_SECONDS = 1
@@ -44,12 +41,7 @@ BODY = {"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4())}
 
 @pytest.fixture
 def tools():
-    lacking = [tool for tool in ("haproxy", "wrk") if shutil.which(tool) is None]
-    if lacking:
-        reason = f"{' and '.join(lacking)} not on PATH (Debian packages haproxy, wrk)"
-        if REQUIRED:
-            pytest.fail(f"{reason} (REQUIRE_HAPROXY=1, so this is a failure, not a skip)", pytrace=False)
-        pytest.skip(reason)
+    require_tools("haproxy", "wrk", required_by="REQUIRE_HAPROXY")
 
 
 @pytest.fixture

@@ -15,6 +15,9 @@ import requests
 
 from support import ROOT, SERVICE_VARS, as_role, assert_billed_exactly_once, ledger, make_backlog, wait_until
 
+# Real service processes and commands, killed and restarted.
+pytestmark = pytest.mark.processes
+
 JSON = {"Content-Type": "application/json"}
 
 
@@ -335,7 +338,7 @@ def test_500_idle_slow_connections_do_not_keep_a_normal_client_waiting(services,
 def test_upgrading_a_live_database_to_this_version_under_load_loses_nothing(services, db_url, db):
     """The first run of this version's schema.sql and roles.sql on a database two versions back
     made (tables owned by the superuser, no ledger triggers, no change feed positions, no listing
-    indexes), while ends and billing go on. Every entry is then in the change feed exactly once,
+    indexes, no base_backups), while ends and billing go on. Every entry is then in the change feed exactly once,
     those billed before the upgrade first."""
     import threading
     import uuid
@@ -346,7 +349,9 @@ def test_upgrading_a_live_database_to_this_version_under_load_loses_nothing(serv
 
     for trigger in ("no_update_or_delete", "no_truncate", "positions_follow_the_server", "ring_the_feed"):
         db.execute(f"DROP TRIGGER billing_entries_{trigger} ON billing_entries")
-    db.execute("DROP INDEX billing_entries_feed, appointments_newest, appointments_by_physician, appointments_by_patient, appointments_open")
+    db.execute("DROP INDEX billing_entries_feed, appointments_newest, appointments_by_physician, appointments_by_patient, appointments_open,"
+               " appointments_ended")
+    db.execute("DROP TABLE base_backups")
     db.execute("ALTER TABLE billing_entries DROP COLUMN txid")
     for table in ("appointments", "billing_queue", "billing_entries"):
         db.execute(f"ALTER TABLE {table} OWNER TO postgres")

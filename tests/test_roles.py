@@ -529,6 +529,7 @@ def test_set_role_passwords_stores_a_hash_and_leaves_an_unset_one_alone(db_url, 
             db.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(stored)))
 
 
+@pytest.mark.processes  # a cluster of its own
 def test_concurrent_runs_on_a_cluster_without_the_roles_all_succeed():
     """Roles are cluster-wide: runs against several new databases at once create each role once."""
     cluster = TempCluster()

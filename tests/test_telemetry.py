@@ -382,6 +382,7 @@ def test_reconcile_lists_each_kind_of_broken_money_and_exits_1(db_url, make_appo
     assert report["wrong_total"][0]["total_price"] == "199.99" and report["wrong_total"][0]["price"] == "200.00"
 
 
+@pytest.mark.processes  # the command, waiting out its connect timeout
 def test_reconcile_without_a_database_exits_2_saying_so():
     code, stderr = reconcile(f"postgresql://postgres@127.0.0.1:{free_port()}/none")
     assert code == 2 and "database unavailable" in stderr
