@@ -24,10 +24,12 @@ import uuid
 from pathlib import Path
 from typing import NoReturn
 
+import jsonschema
 import psycopg
 import psycopg.rows
 import pytest
 import requests
+import yaml
 
 
 from db import apply_schema
@@ -48,6 +50,26 @@ def free_port() -> int:
 
 def with_dbname(url: str, dbname: str) -> str:
     return psycopg.conninfo.make_conninfo(url, dbname=dbname)
+
+
+# The problem details every error answer is (RFC 9457), as openapi.yaml documents them.
+PROBLEM_SCHEMA = jsonschema.Draft202012Validator(yaml.safe_load((ROOT / "openapi.yaml").read_text())["components"]["schemas"]["Problem"])
+
+
+def assert_problem_parts(status: int, content_type: str, body: bytes | str, expected: int, mentions: str = "") -> dict:
+    """A clean problem: the status, the media type, the documented shape, a detail naming what is wrong."""
+    assert status == expected, body
+    assert content_type == "application/problem+json", (content_type, body)
+    problem = json.loads(body)
+    PROBLEM_SCHEMA.validate(problem)
+    assert problem["status"] == expected and problem["title"] and problem["type"] == "about:blank"
+    assert mentions in problem.get("detail", ""), problem
+    return problem
+
+
+def assert_problem(answer, expected: int, mentions: str = "") -> dict:
+    """assert_problem_parts of an answer: falcon.testing's Result or a requests.Response."""
+    return assert_problem_parts(answer.status_code, answer.headers.get("content-type", ""), answer.content, expected, mentions)
 
 
 def unavailable(reason: str, required_by: str) -> NoReturn:

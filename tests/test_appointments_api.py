@@ -14,19 +14,11 @@ import appointments
 from db import make_pool
 from web import MAX_BODY_BYTES
 from conftest import replace
-from support import create_database, drop_database, free_port, wait_until
+from support import assert_problem, create_database, drop_database, free_port, wait_until
 
 
 def start_body(**fields):
     return {"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4()), **fields}
-
-
-def assert_problem(result, status, field):
-    assert result.status_code == status, result.text
-    assert result.headers["content-type"] == "application/problem+json"
-    problem = result.json
-    assert problem["status"] == status and problem["title"]
-    assert field in problem["detail"], problem["detail"]
 
 
 def count(db, sql, *params):

@@ -38,6 +38,7 @@ from support import (
     apply_schema,
     as_role,
     assert_billed_exactly_once,
+    assert_problem,
     create_database,
     drop_database,
     free_port,
@@ -182,10 +183,8 @@ def follow(client, after=None, limit=100):
 
 
 def problem(response, status: int) -> str:
-    """The detail of a falcon TestClient result that must be problem details with this status."""
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"] == "application/problem+json"
-    return response.json["detail"]
+    """The detail of an answer that must be problem details with this status."""
+    return assert_problem(response, status)["detail"]
 
 
 # --- consumers and a clinic, run as threads next to real processes ---------------------------------

@@ -60,6 +60,8 @@ from support import (
     Service,
     as_role,
     assert_billed_exactly_once,
+    assert_problem,
+    assert_problem_parts,
     create_database,
     drop_database,
     free_port,
@@ -72,7 +74,6 @@ STATEFUL_EXAMPLES = int(os.environ.get("FUZZ_STATEFUL_EXAMPLES", "50"))
 STATEFUL_STEPS = int(os.environ.get("FUZZ_STATEFUL_STEPS", "30"))
 
 SPEC = yaml.safe_load((ROOT / "openapi.yaml").read_text())
-PROBLEM_SCHEMA = jsonschema.Draft202012Validator(SPEC["components"]["schemas"]["Problem"])
 JSON = {"Content-Type": "application/json"}
 TEN_MB = 10 * 1024 * 1024
 # Both services run with a bearer token, as a real deployment does: every request here carries it
@@ -184,21 +185,6 @@ def _start(base: str, **fields) -> dict:
 def observer(live):
     with psycopg.connect(live.db_url, autocommit=True, row_factory=dict_row) as conn:
         yield conn
-
-
-def assert_problem(status: int, content_type: str, body: bytes | str, expected: int, mentions: str = "") -> dict:
-    """A clean RFC 9457 problem: the status, the media type, the documented shape, a detail naming what is wrong."""
-    assert status == expected, body
-    assert content_type == "application/problem+json", (content_type, body)
-    problem = json.loads(body)
-    PROBLEM_SCHEMA.validate(problem)
-    assert problem["status"] == expected and problem["title"] and problem["type"] == "about:blank"
-    assert mentions in problem.get("detail", ""), problem
-    return problem
-
-
-def assert_problem_response(result: requests.Response, expected: int, mentions: str = "") -> dict:
-    return assert_problem(result.status_code, result.headers.get("Content-Type", ""), result.content, expected, mentions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +349,7 @@ def test_the_documented_timestamp_schema_rejects_what_the_api_rejects(live):
     rejected_by_api = ["tomorrow", "", "2020-12-01T13:00:00", "2020-12-01", "13:00:00", "2020-12-01 13:00"]
     for value in rejected_by_api:
         result = http.post(f"{live.api.base_url}/appointments", json={"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4()), "start_date": value}, timeout=5)
-        assert_problem_response(result, 400, "start_date")
+        assert_problem(result, 400, "start_date")
     accepted_by_schema = [value for value in rejected_by_api if timestamp.is_valid(value)]
     assert accepted_by_schema == [], f"openapi.yaml's Timestamp accepts strings the API rejects with 400: {accepted_by_schema}"
 
@@ -414,7 +400,7 @@ HOSTILE_BODIES = [
 @pytest.mark.parametrize("raw, mentions", HOSTILE_BODIES)
 def test_a_hostile_start_body_is_a_clean_400_naming_what_is_wrong(live, observer, raw, mentions):
     before = observer.execute("SELECT count(*) AS n FROM appointments").fetchone()["n"]
-    assert_problem_response(post_raw(live, "/appointments", raw), 400, mentions)
+    assert_problem(post_raw(live, "/appointments", raw), 400, mentions)
     assert observer.execute("SELECT count(*) AS n FROM appointments").fetchone()["n"] == before
     live.assert_no_unhandled_errors()
 
@@ -437,7 +423,7 @@ END_BODIES = [
 @pytest.mark.parametrize("raw, mentions", END_BODIES)
 def test_a_hostile_end_body_is_a_clean_400_and_the_appointment_stays_open(live, open_appointment, raw, mentions):
     path = f"/appointments/{open_appointment['id']}/end"
-    assert_problem_response(post_raw(live, path, raw), 400, mentions)
+    assert_problem(post_raw(live, path, raw), 400, mentions)
     assert http.get(live.api.base_url + f"/appointments/{open_appointment['id']}", timeout=5).json() == open_appointment
     live.assert_no_unhandled_errors()
 
@@ -453,7 +439,7 @@ def test_a_body_that_is_not_utf_8_is_refused_with_400_naming_the_body(live, obse
     else:
         raw = json.dumps(body).encode(encoding)
     before = observer.execute("SELECT count(*) AS n FROM appointments").fetchone()["n"]
-    assert_problem_response(post_raw(live, "/appointments", raw), 400, "body")
+    assert_problem(post_raw(live, "/appointments", raw), 400, "body")
     assert observer.execute("SELECT count(*) AS n FROM appointments").fetchone()["n"] == before
 
 
@@ -463,9 +449,9 @@ def test_a_body_that_is_not_utf_8_is_refused_with_400_naming_the_body(live, obse
 )
 def test_a_body_that_is_not_application_json_is_415_on_both_post_routes(live, open_appointment, content_type):
     start = json.dumps({"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4())}).encode()
-    assert_problem_response(post_raw(live, "/appointments", start, content_type), 415, "Content-Type")
+    assert_problem(post_raw(live, "/appointments", start, content_type), 415, "Content-Type")
     end = post_raw(live, f"/appointments/{open_appointment['id']}/end", b'{"end_date": "2020-12-01 14:00:00"}', content_type)
-    assert_problem_response(end, 415, "Content-Type")
+    assert_problem(end, 415, "Content-Type")
 
 
 def test_json_with_parameters_or_in_capitals_is_accepted(live):
@@ -479,7 +465,7 @@ def test_an_empty_end_body_with_any_content_type_ends_now_and_an_empty_start_bod
         appointment = _start(live.api.base_url)
         ended = post_raw(live, f"/appointments/{appointment['id']}/end", b"", content_type)
         assert ended.status_code == 200 and ended.json()["end_date"] is not None, ended.text
-        assert_problem_response(post_raw(live, "/appointments", b"", content_type), 400, "body")
+        assert_problem(post_raw(live, "/appointments", b"", content_type), 400, "body")
 
 
 # HEAD is left out: it answers wherever GET does (RFC 9110), tested in test_appointments_api.py.
@@ -495,7 +481,7 @@ def test_every_undocumented_method_on_every_route_is_405_with_allow(live, servic
     for other in OTHER_METHODS:
         if other not in documented:
             result = http.request(other, url, timeout=5)
-            assert_problem_response(result, 405)
+            assert_problem(result, 405)
             allowed = result.headers["Allow"].replace(" ", "").split(",")
             assert set(allowed) - {"HEAD", "OPTIONS"} == set(documented), (other, result.headers)
 
@@ -503,12 +489,12 @@ def test_every_undocumented_method_on_every_route_is_405_with_allow(live, servic
 @pytest.mark.parametrize("service", list(SERVICE_TAGS))
 def test_an_unknown_method_is_400_and_the_other_services_routes_are_404(live, service):
     status, headers, body = raw_exchange(live.port(service), b"FROB /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    assert_problem(status, headers.get("content-type", ""), body, 400)
+    assert_problem_parts(status, headers.get("content-type", ""), body, 400)
     other = "billing" if service == "appointments" else "appointments"
     for _, method, path in ROUTES:
         if path not in ("/health", "/ready", "/metrics", "/openapi.json") and (other, method, path) in ROUTES:
             result = http.request(method, live.base(service) + path.replace("{appointment_id}", str(uuid.uuid4())), timeout=5)
-            assert_problem_response(result, 404)
+            assert_problem(result, 404)
 
 
 def test_non_canonical_uuid_spellings_in_the_path_are_400(live):
@@ -517,18 +503,11 @@ def test_non_canonical_uuid_spellings_in_the_path_are_400(live):
     known = live.billed_ids[0]
     spellings = [known.replace("-", ""), "{" + known + "}", "urn:uuid:" + known, known[:8] + "-" + known[8:].replace("-", "")]
     for spelling in spellings:
-        assert_problem_response(http.get(f"{live.api.base_url}/appointments/{spelling}", timeout=5), 400, "id")
-        assert_problem_response(http.get(f"{live.worker.base_url}/billing-entries/{spelling}", timeout=5), 400, "appointment_id")
+        assert_problem(http.get(f"{live.api.base_url}/appointments/{spelling}", timeout=5), 400, "id")
+        assert_problem(http.get(f"{live.worker.base_url}/billing-entries/{spelling}", timeout=5), 400, "appointment_id")
     # The same spellings in a body are refused already:
     body = {"id": known.replace("-", ""), "physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4())}
-    assert_problem_response(http.post(f"{live.api.base_url}/appointments", json=body, timeout=5), 400, "id")
-
-
-@pytest.mark.parametrize("limit", ["1_0", " 5", "5 ", "\u0665", "0x10", "", "1e2", "-0", "5.0"])
-def test_a_limit_that_is_not_a_plain_decimal_integer_is_400(live, limit):
-    """limit is `type: integer`; Python's int() also reads '1_0', ' 5' and Arabic-Indic digits."""
-    result = http.get(f"{live.worker.base_url}/billing-entries", params={"limit": limit}, timeout=5)
-    assert_problem_response(result, 400, "limit")
+    assert_problem(http.post(f"{live.api.base_url}/appointments", json=body, timeout=5), 400, "id")
 
 
 # --- query strings of the listings and the change feed, over real waitress -------------------
@@ -592,7 +571,7 @@ def get_raw(port: int, target: str | bytes) -> tuple[int, dict, bytes]:
 
 def assert_names_parameter(status: int, headers: dict, body: bytes, name: str) -> dict:
     """A clean 400 problem whose detail starts with the parameter's name."""
-    problem = assert_problem(status, headers.get("content-type", ""), body, 400)
+    problem = assert_problem_parts(status, headers.get("content-type", ""), body, 400)
     assert problem["detail"].startswith(f"{name}:") or problem["detail"].startswith(f"{name}, "), problem
     return problem
 
@@ -640,9 +619,9 @@ def test_raw_non_ascii_in_a_query_or_a_target_over_16_kib_is_a_clean_problem(liv
     port = live.port(service)
     for query in (b"status=\xc3\xa9", b"after=\xff", b"\xc3\xa9=1"):
         status, headers, body = get_raw(port, path.encode() + b"?" + query)
-        assert_problem(status, headers.get("content-type", ""), body, 400)
+        assert_problem_parts(status, headers.get("content-type", ""), body, 400)
     status, headers, body = get_raw(port, f"{path}?limit=1&x={'A' * 17000}")
-    assert_problem(status, headers.get("content-type", ""), body, 431)
+    assert_problem_parts(status, headers.get("content-type", ""), body, 431)
 
 
 def test_a_long_poll_at_the_tail_is_held_to_its_deadline_and_one_waiter_too_many_is_503_at_once(live, observer):
@@ -665,7 +644,7 @@ def test_a_long_poll_at_the_tail_is_held_to_its_deadline_and_one_waiter_too_many
     for result, took in held:
         assert result.json() == {"entries": [], "cursor": tail} and took >= 1.0, (result.text, took)
     result, took = refused[0]
-    assert_problem_response(result, 503, "wait")
+    assert_problem(result, 503, "wait")
     assert result.headers["Retry-After"] == "1" and took < 0.9, (result.headers, took)
 
 
@@ -749,7 +728,7 @@ def test_a_10_mb_content_length_is_refused_with_413_before_any_of_the_body_is_se
     ).encode()
     started = time.monotonic()
     status, headers, body = raw_exchange(live.port(service), head, timeout=10)
-    assert_problem(status, headers.get("content-type", ""), body, 413, "body")
+    assert_problem_parts(status, headers.get("content-type", ""), body, 413, "body")
     assert headers.get("connection") == "close"
     assert time.monotonic() - started < 5
 
@@ -764,7 +743,7 @@ def test_expect_100_continue_with_a_10_mb_content_length_gets_413_not_100_contin
     ).encode()
     status, headers, body = raw_exchange(live.port("appointments"), head, timeout=5)
     assert status != 100, "the server answered 100 Continue to a body it will refuse, and then nothing until the upload"
-    assert_problem(status, headers.get("content-type", ""), body, 413, "body")
+    assert_problem_parts(status, headers.get("content-type", ""), body, 413, "body")
 
 
 def test_a_chunked_body_over_64_kib_is_refused_with_413_before_the_upload_ends(live, observer):
@@ -781,7 +760,7 @@ def test_a_chunked_body_over_64_kib_is_refused_with_413_before_the_upload_ends(l
         yield b"0\r\n\r\n"
 
     status, headers, body = raw_exchange(live.port("appointments"), head, body_chunks=upload())
-    assert_problem(status, headers.get("content-type", ""), body, 413, "body")
+    assert_problem_parts(status, headers.get("content-type", ""), body, 413, "body")
     assert len(offered) < total, "the 413 came only after the whole 10 MB was uploaded"
     assert observer.execute("SELECT count(*) AS n FROM appointments").fetchone()["n"] == before
 
@@ -807,7 +786,7 @@ def test_a_small_chunked_body_is_read_and_served(live):
 )
 def test_malformed_http_is_a_clean_400_problem(live, head):
     status, headers, body = raw_exchange(live.port("appointments"), head)
-    assert_problem(status, headers.get("content-type", ""), body, 400)
+    assert_problem_parts(status, headers.get("content-type", ""), body, 400)
 
 
 def test_a_body_of_exactly_64_kib_with_a_valid_start_is_served(live):
@@ -1094,7 +1073,7 @@ def appointments_machine(api, billing_api, biller, db, feed: FeedFollower):
             body = {"id": appointment.id, "physician_id": appointment.physician_id, "patient_id": appointment.patient_id}
             body[field] = shown(appointment.start + dt.timedelta(seconds=shift)) if field == "start_date" else str(uuid.uuid4())
             result = api.simulate_post("/appointments", json=body)
-            assert_problem(result.status_code, result.headers["content-type"], result.text, 409, field)
+            assert_problem(result, 409, field)
 
         # --- ends
         @precondition(lambda self: self._has(lambda a: a.end is None))
@@ -1114,7 +1093,7 @@ def appointments_machine(api, billing_api, biller, db, feed: FeedFollower):
             now = dt.datetime.now(UTC)
             result = self._end(appointment, body)
             if appointment.start > now + dt.timedelta(seconds=5):
-                assert_problem(result.status_code, result.headers["content-type"], result.text, 422, "end_date")
+                assert_problem(result, 422, "end_date")
                 return
             assert result.status_code == 200, result.text
             end = read_shown(result.json["end_date"])
@@ -1127,7 +1106,7 @@ def appointments_machine(api, billing_api, biller, db, feed: FeedFollower):
         def end_before_start(self, data, early, spelling):
             appointment = self._pick(data, lambda a: a.end is None)
             result = self._end(appointment, {"end_date": spell(appointment.start - dt.timedelta(seconds=early), spelling)})
-            assert_problem(result.status_code, result.headers["content-type"], result.text, 422, "end_date")
+            assert_problem(result, 422, "end_date")
 
         @precondition(lambda self: self._has(lambda a: a.end is not None))
         @rule(data=st.data(), how=st.sampled_from(["no body", "empty", "{}", "same"]), spelling=SPELLINGS)
@@ -1143,7 +1122,7 @@ def appointments_machine(api, billing_api, biller, db, feed: FeedFollower):
         def end_again_at_another_time(self, data, shift):
             appointment = self._pick(data, lambda a: a.end is not None)
             result = self._end(appointment, {"end_date": shown(appointment.end + dt.timedelta(seconds=shift))})
-            assert_problem(result.status_code, result.headers["content-type"], result.text, 409, "end_date")
+            assert_problem(result, 409, "end_date")
 
         # --- reads, unknowns, the worker
         @precondition(lambda self: self.model)
@@ -1157,7 +1136,7 @@ def appointments_machine(api, billing_api, biller, db, feed: FeedFollower):
         def unknown_id_is_404(self, action):
             missing = str(uuid.uuid4())
             result = api.simulate_get(f"/appointments/{missing}") if action == "read" else api.simulate_post(f"/appointments/{missing}/end")
-            assert_problem(result.status_code, result.headers["content-type"], result.text, 404, missing)
+            assert_problem(result, 404, missing)
 
         @precondition(lambda self: self.model)
         @rule(data=st.data(), by=st.sampled_from(["physician", "patient", "both"]), status=st.sampled_from([None, "open", "ended"]), limit=st.integers(1, 3))

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from support import ROOT, SERVICE_VARS, as_role, assert_billed_exactly_once, ledger, make_backlog, wait_until
+from support import ROOT, SERVICE_VARS, as_role, assert_billed_exactly_once, assert_problem, ledger, make_backlog, wait_until
 
 # Real service processes and commands, killed and restarted.
 pytestmark = pytest.mark.processes
@@ -66,10 +66,7 @@ def test_every_endpoint_and_error_code_over_real_waitress(services, db_url):
     assert ended["price"] == 300.0 and '"price":300.00' in requests.get(f"{base}/appointments/{appointment['id']}").text
 
     def problem(response, status):
-        assert response.status_code == status, response.text
-        assert response.headers["Content-Type"] == "application/problem+json"
-        assert response.json()["status"] == status
-        return response.json()["detail"]
+        return assert_problem(response, status)["detail"]
 
     assert "physician_id" in problem(requests.post(f"{base}/appointments", json={"patient_id": str(uuid.uuid4())}), 400)
     assert "body" in problem(requests.post(f"{base}/appointments", data=b"{", headers=JSON), 400)
