@@ -260,7 +260,7 @@ class QueueCollector(MonitorReading):
 BACKUP_STATS = """
 SELECT current_setting('archive_mode') <> 'off' AS archiving,
        a.archived_count, a.failed_count,
-       coalesce(a.last_failed_time > a.last_archived_time OR (a.last_failed_time IS NOT NULL AND a.last_archived_time IS NULL), false) AS failing,
+       coalesce(a.last_failed_time > coalesce(a.last_archived_time, '-infinity'), false) AS failing,
        extract(epoch FROM now() - a.last_archived_time) AS archived_age,
        (SELECT extract(epoch FROM now() - max(stopped_at)) FROM base_backups) AS backup_age
 FROM pg_stat_archiver a

@@ -136,9 +136,9 @@ import config  # noqa: E402
 import web  # noqa: E402
 from capacity import WRK_THREADS, Processes, fmt_table, free_port, process_cpu, run_wrk, say, tail, wait_http, write_open_appointments  # noqa: E402
 from db import apply_schema  # noqa: E402
-from restore_drill import Drill, archive_timeout, lose_the_volume_under_load, wake_checkpointer  # noqa: E402
+from restore_drill import Drill, archive_timeout, lose_the_volume_under_load, start_archiving  # noqa: E402
 from support import (  # noqa: E402
-    OVERLOAD_LUA, SERVICE_VARS, Edge, Load, PgBackRest, Probes, TempCluster, as_role, children, create_database, drop_database,
+    OVERLOAD_LUA, SERVICE_VARS, Edge, Load, Probes, TempCluster, as_role, children, create_database, drop_database,
     expected_price, freeze, ledger, make_backlog, thaw,
 )
 
@@ -1486,13 +1486,9 @@ def backups(run: Run, report: dict) -> None:
     """Section 9: the restore drill of tests/test_backup.py on --backup-appointments ended and
     billed appointments: a full backup under load, the data directory lost, the latest restored."""
     cluster = BackupBenchCluster(run.cluster_processes)
-    repo = PgBackRest(cluster)
-    cluster.configure(archive_mode="on", archive_command=repo.archive_command, archive_timeout=archive_timeout())
     api = worker = None
     try:
-        cluster.start()
-        repo.run("stanza-create")
-        wake_checkpointer(cluster.url)
+        repo = start_archiving(cluster)
         create_database(cluster.url, "backups")
         url = psycopg.conninfo.make_conninfo(cluster.url, dbname="backups")
         apply_schema(url)

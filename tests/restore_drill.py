@@ -9,11 +9,8 @@ what the clients were told, and the RPO and RTO it came to.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 
@@ -21,7 +18,7 @@ import psycopg
 import requests
 
 import paging
-from support import ROOT, SERVICE_VARS, Load, PgBackRest, TempCluster, as_role, expected_price, ledger, wait_until
+from support import ROOT, Load, PgBackRest, TempCluster, expected_price, ledger, run_worker_command, wait_until
 
 RPO_SECONDS = 5.0  # the promise: an end acknowledged longer ago than this survives losing the volume
 LOAD_SECONDS = 4.0  # before and after the base backup
@@ -35,17 +32,23 @@ def archive_timeout() -> str:
     return found.group(1)
 
 
+def start_archiving(cluster: TempCluster, wake: bool = True) -> PgBackRest:
+    """Starts ``cluster`` archiving as docker-compose.yml's db does, into a stanza of its own;
+    ``wake=False`` leaves the checkpointer as PostgreSQL starts it (see wake_checkpointer)."""
+    repo = PgBackRest(cluster)
+    cluster.configure(archive_mode="on", archive_command=repo.archive_command, archive_timeout=archive_timeout())
+    cluster.start()
+    repo.run("stanza-create")
+    if wake:
+        wake_checkpointer(cluster.url)
+    return repo
+
+
 def wake_checkpointer(url: str) -> None:
     """What the compose db service's healthcheck does once per server start (deploy/postgres/
     clinic-db-ready): without it archive_timeout closes no segment until the first checkpoint."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SELECT pg_reload_conf()")
-
-
-def run_worker_command(url: str, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
-    env["DATABASE_URL"] = as_role(url, "billing_worker.py")
-    return subprocess.run([sys.executable, str(ROOT / "billing_worker.py"), *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 class Consumer:

@@ -337,6 +337,18 @@ class Service:
             self.popen.wait(timeout=5)
 
 
+def worker_env(url: str, **env) -> dict[str, str]:
+    """The caller's environment without service settings, DATABASE_URL as the worker's role."""
+    base = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
+    return {**base, "DATABASE_URL": as_role(url, "billing_worker.py"), **{k: str(v) for k, v in env.items()}}
+
+
+def run_worker_command(url: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """python billing_worker.py <args> (--once, requeue, reconcile), as the worker's database role."""
+    return subprocess.run([sys.executable, str(ROOT / "billing_worker.py"), *args], env=worker_env(url),
+                          capture_output=True, text=True, timeout=timeout)
+
+
 # A backlog of n ended appointments with their pending charges, as the API would have left them
 # (durations of 1 to 180 minutes, at the default rate), written in one statement for speed.
 MAKE_BACKLOG = """

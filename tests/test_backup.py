@@ -34,8 +34,8 @@ from psycopg import sql
 import requests
 
 import paging
-from restore_drill import RPO_SECONDS, Drill, archive_timeout, assert_exact, lose_the_volume_under_load, wake_checkpointer
-from support import PgBackRest, TempCluster, fresh_database, ledger, require_tools, wait_until
+from restore_drill import RPO_SECONDS, Drill, assert_exact, lose_the_volume_under_load, start_archiving, wake_checkpointer
+from support import TempCluster, fresh_database, ledger, require_tools, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +45,10 @@ def archiving_cluster():
     """A started cluster archiving into a stanza of its own; the checkpointer not woken yet."""
     require_tools("pgbackrest", required_by="REQUIRE_PGBACKREST")
     cluster = TempCluster()
-    repo = PgBackRest(cluster)
-    cluster.configure(archive_mode="on", archive_command=repo.archive_command, archive_timeout=archive_timeout())
-    cluster.start()
-    repo.run("stanza-create")
-    yield cluster, repo
-    cluster.destroy()
+    try:
+        yield cluster, start_archiving(cluster, wake=False)
+    finally:
+        cluster.destroy()
 
 
 @pytest.fixture

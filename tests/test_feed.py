@@ -14,7 +14,6 @@ import datetime as dt
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -31,8 +30,6 @@ import paging
 from config import Config
 from db import make_pool
 from support import (
-    ROOT,
-    SERVICE_VARS,
     Service,
     TempCluster,
     apply_schema,
@@ -43,6 +40,7 @@ from support import (
     drop_database,
     free_port,
     make_backlog,
+    run_worker_command,
     server_bindir,
     wait_until,
 )
@@ -101,20 +99,9 @@ def naive_page(conn, last):
     return conn.execute(NAIVE_PAGE, {"at": last[0], "id": last[1]}).fetchall()
 
 
-def worker_env(url: str, **env) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
-    return {**base, "DATABASE_URL": as_role(url, "billing_worker.py"), **{k: str(v) for k, v in env.items()}}
-
-
 def bill_once(url: str) -> subprocess.CompletedProcess:
     """python billing_worker.py --once, as the worker's database role."""
     return run_worker_command(url, "--once")
-
-
-def run_worker_command(url: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "billing_worker.py"), *args], env=worker_env(url), capture_output=True, text=True, timeout=60
-    )
 
 
 # --- a server of this module's own -------------------------------------------------------------------
