@@ -1,7 +1,7 @@
-"""Billing worker: turns every queued charge into exactly one billing entry, and serves them over HTTP.
+"""Billing worker: turns every queued charge into exactly one billing entry; its command line.
 
-    python billing_worker.py            # work forever; HTTP on BILLING_PORT (default 8081):
-                                        # the ledger's entries, listings and change feed
+    python billing_worker.py            # work forever; HTTP on BILLING_PORT (default 8081): the
+                                        # ledger's entries, listings and change feed (ledger.py)
     python billing_worker.py --once     # bill everything that is due, print a summary, exit 0
     python billing_worker.py requeue    # make failed charges pending again
     python billing_worker.py reconcile  # check the ledger against the appointments; exit 1 on a mismatch
@@ -11,6 +11,8 @@ CLAIM_AND_BILL). It commits whole or not at all: a worker that dies before the c
 rows pending for the next pass, and one that dies just after (or while the statement runs on, the
 server finishing it) leaves them billed, once, only not logged by that worker. The primary key of
 billing_entries is the last line of defence.
+
+Between passes it waits for a NOTIFY from the end's transaction (db.Listen), or the poll interval.
 """
 
 from __future__ import annotations
@@ -24,19 +26,18 @@ import sys
 import threading
 import time
 
-import falcon
 import psycopg
 import psycopg_pool
 from psycopg.rows import dict_row
 
 import auth
 import db
-import feed
-import paging
-from config import Config, load_config_or_exit
+import ledger
+import reconcile
+from config import load_config_or_exit
 from db import make_pool
 from telemetry import WorkerMetrics, get_logger, setup_logging
-from web import Problem, base_app, format_timestamp, make_server, money, on_stop_signals, parse_uuid, send, serve_in_thread
+from web import make_server, on_stop_signals, serve_in_thread
 
 log = get_logger("clinic.billing")
 
@@ -117,86 +118,6 @@ SET status = 'pending', attempts = 0, available_at = now()
 WHERE status = 'failed'
 """
 
-SELECT_ENTRY = """
-SELECT appointment_id, total_price, created_at FROM billing_entries WHERE appointment_id = %(id)s
-"""
-
-# Newest first, one more row than the page shows (there is a next page when it comes); served by
-# the index billing_entries_newest, read from the cursor on (keyset, never OFFSET).
-LIST_ENTRIES = """
-SELECT appointment_id, total_price, created_at
-FROM billing_entries
-ORDER BY created_at DESC, appointment_id DESC
-LIMIT %(limit)s
-"""
-
-LIST_ENTRIES_BEFORE = """
-SELECT appointment_id, total_price, created_at
-FROM billing_entries
-WHERE (created_at, appointment_id) < (%(before_at)s, %(before_id)s)
-ORDER BY created_at DESC, appointment_id DESC
-LIMIT %(limit)s
-"""
-
-# `reconcile`: each query below lists rows that mean lost, doubled or wrong money. They read whole
-# tables (an operator's check, not a hot path), all from one REPEATABLE READ snapshot.
-RECONCILE_COUNTS = """
-SELECT (SELECT count(*) FROM appointments WHERE end_date IS NOT NULL) AS ended,
-       (SELECT count(*) FROM billing_entries) AS entries,
-       (SELECT count(*) FROM billing_queue WHERE status = 'pending') AS pending,
-       (SELECT count(*) FROM billing_queue WHERE status = 'failed') AS failed
-"""
-
-RECONCILE_CHECKS = {
-    # Ended, yet neither queued nor billed: a charge lost before it reached the queue.
-    "ended_without_charge": """
-        SELECT a.id AS appointment_id, a.price, a.end_date
-        FROM appointments a
-        WHERE a.end_date IS NOT NULL
-          AND NOT EXISTS (SELECT 1 FROM billing_queue q WHERE q.appointment_id = a.id)
-          AND NOT EXISTS (SELECT 1 FROM billing_entries e WHERE e.appointment_id = a.id)
-        ORDER BY a.end_date, a.id""",
-    # Marked billed without its entry: a charge lost by the worker.
-    "billed_without_entry": """
-        SELECT q.appointment_id, q.total_price, q.processed_at
-        FROM billing_queue q
-        WHERE q.status = 'billed'
-          AND NOT EXISTS (SELECT 1 FROM billing_entries e WHERE e.appointment_id = q.appointment_id)
-        ORDER BY q.processed_at, q.appointment_id""",
-    # Charged another amount than the appointment's price.
-    "wrong_total": """
-        SELECT e.appointment_id, a.price, e.total_price
-        FROM billing_entries e JOIN appointments a ON a.id = e.appointment_id
-        WHERE a.price IS NOT NULL AND e.total_price <> a.price
-        ORDER BY e.appointment_id""",
-    # A charge for an appointment that is not ended (or not there).
-    "entry_without_ended_appointment": """
-        SELECT e.appointment_id, e.total_price, e.created_at
-        FROM billing_entries e LEFT JOIN appointments a ON a.id = e.appointment_id
-        WHERE a.end_date IS NULL
-        ORDER BY e.appointment_id""",
-    # Queued for an appointment that is not ended: it would be billed without an end.
-    "queued_without_ended_appointment": """
-        SELECT q.appointment_id, q.status, q.total_price
-        FROM billing_queue q JOIN appointments a ON a.id = q.appointment_id
-        WHERE a.end_date IS NULL
-        ORDER BY q.appointment_id""",
-    # A position in the change feed that no transaction of this server can have written: a dump
-    # restored into a new cluster, whose transaction counter is behind. New entries would sort
-    # before these, unseen by consumers; the ledger refuses them (schema.sql) until the counter
-    # is moved past (docs/operations.md, Loading a dump).
-    "entry_position_ahead_of_server": """
-        SELECT e.appointment_id, e.txid::text AS txid, e.created_at
-        FROM billing_entries e
-        WHERE e.txid >= pg_snapshot_xmax(pg_current_snapshot())
-        ORDER BY e.txid, e.appointment_id""",
-    # Billed, yet still pending or failed: counted twice, and billed again would be refused.
-    "entry_not_marked_billed": """
-        SELECT q.appointment_id, q.status, e.total_price
-        FROM billing_queue q JOIN billing_entries e ON e.appointment_id = q.appointment_id
-        WHERE q.status <> 'billed'
-        ORDER BY q.appointment_id""",
-}
 
 
 # SQLSTATE classes that mean the data of a row is at fault: 22 data exception, 23 integrity
@@ -321,82 +242,15 @@ class Biller:
         with self._pool.connection() as conn, conn.transaction():
             return conn.execute(REQUEUE_FAILED).rowcount
 
-    def reconcile(self) -> dict:
-        """The ledger against the appointments, from one snapshot; see RECONCILE_CHECKS."""
-        with self._pool.connection() as conn, conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            cur = conn.cursor(row_factory=dict_row)
-            report = {"counts": cur.execute(RECONCILE_COUNTS).fetchone()}
-            for name, query in RECONCILE_CHECKS.items():
-                rows = cur.execute(query).fetchall()
-                report[name] = [{k: None if v is None else str(v) for k, v in r.items()} for r in rows]
-        return report
+
+# After a failover, LISTEN on the new leader within a fraction of a second of it taking writes: as
+# often as the pool retries (db.LeaderPool.RETRY_SPACING).
+LISTEN_RECONNECT_SECONDS = 0.25
 
 
-class Listener:
-    """Waits for NOTIFY on CHANNEL; without a working connection it only sleeps (the poll).
-
-    Its connection is the pool's (db.LeaderPool.connect_unpooled): cut when the pool's monitor
-    finds the server not answering, so that it LISTENs again, on the new leader after a failover.
-    """
-
-    # As often as the pool retries (db.LeaderPool.RETRY_SPACING): after a failover, LISTEN on
-    # the new leader within a fraction of a second of it taking writes.
-    RECONNECT_EVERY = 0.25
-    CONNECT_DEADLINE_SECONDS = 5
-
-    def __init__(self, pool: db.LeaderPool | None, stop: threading.Event):
-        """``pool`` None: never LISTEN, every wait lasts its full time (BILLING_LISTEN=off)."""
-        self._pool = pool
-        self._stop = stop
-        self._conn: psycopg.Connection | None = None
-        self._next_connect = 0.0
-
-    def wait(self, seconds: float) -> str | None:
-        """Why the wait ended: "notify" (a notification), "listen" (a fresh LISTEN: rows may have
-        come meanwhile), "poll" (`seconds` passed), or None (stop was set)."""
-        deadline = time.monotonic() + seconds
-        while not self._stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return "poll"
-            if self._conn is None and self._pool is not None and time.monotonic() >= self._next_connect:
-                if self._connect():
-                    return "listen"
-            if self._conn is None:
-                self._stop.wait(min(remaining, 0.5))
-                continue
-            try:
-                # Short slices so that SIGTERM is honoured within half a second.
-                if any(True for _ in self._conn.notifies(timeout=min(remaining, 0.5), stop_after=1)):
-                    for _ in self._conn.notifies(timeout=0):
-                        pass  # one drain serves every notification already queued
-                    return "notify"
-            except psycopg.Error as exc:
-                log.warning("listen_connection_lost_polling", error=str(exc).strip())
-                self.close()
-        return None
-
-    def _connect(self) -> bool:
-        self._next_connect = time.monotonic() + self.RECONNECT_EVERY
-        try:
-            with db.within(self.CONNECT_DEADLINE_SECONDS):
-                self._conn = self._pool.connect_unpooled("billing-worker-listen")
-                self._conn.execute(f"LISTEN {CHANNEL}")
-            return True
-        except psycopg.Error as exc:
-            log.debug("cannot_listen_yet", error=str(exc).strip())
-            self.close()
-            return False
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-def work(biller: Biller, listener: Listener, poll_seconds: float, stop: threading.Event, metrics: WorkerMetrics) -> None:
-    """Drain, then wait for a NOTIFY or the poll interval; until stop is set."""
+def work(biller: Biller, listen: db.Listen | None, poll_seconds: float, stop: threading.Event, metrics: WorkerMetrics) -> None:
+    """Drain, then wait for a NOTIFY or the poll interval; until stop is set. ``listen`` None:
+    never LISTEN, every wait lasts the poll interval (BILLING_LISTEN=off)."""
     reason = "poll"  # the first pass, at start, is the poll that finds what waited meanwhile
     retry_in = RETRY_FIRST_SECONDS
     while not stop.is_set():
@@ -410,100 +264,19 @@ def work(biller: Biller, listener: Listener, poll_seconds: float, stop: threadin
             log.warning("billing_pass_failed_will_retry", error=f"{exc.__class__.__name__}: {str(exc).strip()}", retry_in_s=round(retry_in, 2))
             # Its LISTEN connection may lead to the server that just failed (one frozen after a
             # failover, say, that the pool's monitor did not cut): LISTEN afresh.
-            listener.close()
+            if listen is not None:
+                listen.close()
             stop.wait(retry_in * random.uniform(0.8, 1.2))
             retry_in = min(retry_in * 2, RETRY_MAX_SECONDS)
             reason = "poll"
             continue
         retry_in = RETRY_FIRST_SECONDS
-        reason = listener.wait(poll_seconds) or "poll"
-
-
-# ---------------------------------------------------------------------------------------------
-# HTTP: read-only view of the ledger.
-
-
-def entry_representation(row, config: Config) -> dict:
-    return {
-        "appointment_id": str(row["appointment_id"]),
-        "total_price": money(row["total_price"]),
-        "created_at": format_timestamp(row["created_at"], config.timezone),
-    }
-
-
-class BillingEntries:
-    """/billing-entries"""
-
-    def __init__(self, pool: psycopg_pool.ConnectionPool, config: Config):
-        self._pool, self._config = pool, config
-
-    def on_get(self, req, resp):
-        params = paging.query_params(req.params, ("limit", "before"))
-        limit = paging.limit_param(params)
-        query, args = LIST_ENTRIES, {"limit": limit + 1}
-        if "before" in params:
-            before = paging.parse_list_cursor("entries", params["before"])
-            query, args = LIST_ENTRIES_BEFORE, {**args, "before_at": before.at, "before_id": before.id}
-        with self._pool.connection() as conn:
-            rows = conn.cursor(row_factory=dict_row).execute(query, args).fetchall()
-        if len(rows) > limit:
-            rows = rows[:limit]
-            cursor = paging.list_cursor("entries", paging.ListPosition(rows[-1]["created_at"], rows[-1]["appointment_id"]))
-            resp.set_header("Link", paging.next_link(req.path, {"limit": limit, "before": cursor}))
-        send(resp, 200, [entry_representation(row, self._config) for row in rows])
-
-    on_head = on_get
-
-
-class BillingEntryChanges:
-    """/billing-entries/changes"""
-
-    def __init__(self, ledger_feed: feed.Feed, config: Config):
-        self._feed, self._config = ledger_feed, config
-
-    def on_get(self, req, resp):
-        params = paging.query_params(req.params, ("after", "limit", "wait"))
-        after = paging.parse_feed_cursor(params["after"]) if "after" in params else None
-        limit = paging.limit_param(params)
-        wait = paging.whole_number(params, "wait", 0, 0, 30, unit=" of seconds")
-        rows = self._feed.read(after, limit, wait)
-        if rows:
-            cursor = paging.feed_cursor(feed.last_position(rows))
-        else:  # nothing new: the cursor that was sent, as it was sent
-            cursor = params.get("after", paging.FEED_START)
-        send(resp, 200, {"entries": [entry_representation(row, self._config) for row in rows], "cursor": cursor})
-
-    on_head = on_get
-
-
-class BillingEntry:
-    """/billing-entries/{appointment_id}"""
-
-    def __init__(self, pool: psycopg_pool.ConnectionPool, config: Config):
-        self._pool, self._config = pool, config
-
-    def on_get(self, req, resp, appointment_id):
-        key = parse_uuid(appointment_id, "appointment_id")
-        with self._pool.connection() as conn:
-            row = conn.cursor(row_factory=dict_row).execute(SELECT_ENTRY, {"id": key}).fetchone()
-        if row is None:
-            raise Problem(404, f"appointment_id: no billing entry for {key} (not ended, or not billed yet)")
-        send(resp, 200, entry_representation(row, self._config))
-
-    on_head = on_get
-
-
-def create_app(
-    config: Config, pool: psycopg_pool.ConnectionPool, metrics: WorkerMetrics | None = None, bell: feed.LedgerBell | None = None
-) -> falcon.App:
-    """``bell`` starts its LISTEN connection only when a request first waits on the change feed;
-    whoever made it closes it (one made here, when none is given, lives as long as the process)."""
-    app = base_app(pool, metrics or WorkerMetrics(pool, config.poll_seconds), auth.guards(config.api_token_hashes), config.request_timeout)
-    ledger_feed = feed.Feed(pool, bell or feed.LedgerBell(pool), config.feed_max_waiters)
-    app.add_route("/billing-entries", BillingEntries(pool, config))
-    app.add_route("/billing-entries/changes", BillingEntryChanges(ledger_feed, config))
-    app.add_route("/billing-entries/{appointment_id}", BillingEntry(pool, config))
-    return app
+        if listen is None:
+            stop.wait(poll_seconds)
+            reason = "poll"
+        else:  # a fresh LISTEN ("listen") looks too: rows may have come while nobody listened
+            why = listen.wait(poll_seconds)
+            reason = "poll" if why in (None, "timeout") else why
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -531,17 +304,18 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(args.command, biller, pool, stop)
 
     pool.open(wait=False)
-    bell = feed.LedgerBell(pool)
+    bell = ledger.LedgerBell(pool)
     # Requests waiting on the feed each hold a thread: HTTP_THREADS more serve everything else.
-    server = make_server(create_app(config, pool, metrics, bell), config.billing_port, threads=HTTP_THREADS + config.feed_max_waiters)
+    server = make_server(ledger.create_app(config, pool, metrics, bell), config.billing_port, threads=HTTP_THREADS + config.feed_max_waiters)
     serve_in_thread(server)
-    listener = Listener(pool if config.listen else None, stop)
+    listen = db.Listen(pool, CHANNEL, "billing-worker-listen", LISTEN_RECONNECT_SECONDS, stop) if config.listen else None
     log.info("billing_worker_up", port=config.billing_port, poll_seconds=config.poll_seconds, listen=config.listen)
     auth.warn_if_open(log, config.api_token_hashes)
     try:
-        work(biller, listener, config.poll_seconds, stop, metrics)
+        work(biller, listen, config.poll_seconds, stop, metrics)
     finally:
-        listener.close()
+        if listen is not None:
+            listen.close()
         bell.close()  # waiting requests answer now, with what they have
         server.task_dispatcher.shutdown(timeout=1)
         pool.close()
@@ -558,8 +332,8 @@ def run_command(command: str, biller: Biller, pool: psycopg_pool.ConnectionPool,
         if command == "requeue":
             result = {"requeued": biller.requeue()}
         elif command == "reconcile":
-            result = biller.reconcile()
-            exit_code = 1 if any(result[name] for name in RECONCILE_CHECKS) else 0
+            result = reconcile.reconcile(pool)
+            exit_code = 1 if reconcile.mismatched(result) else 0
         else:
             result = dataclasses.asdict(biller.drain(stop))
     except psycopg.OperationalError as exc:

@@ -1,7 +1,7 @@
 """The database as both services reach it: deadlines on every wait for the server, the connection
 pool (it follows a replicated PostgreSQL's leader, and stops sending work to a server that stopped
-answering), the monitor that probes the server in the background, and applying schema.sql and
-roles.sql.
+answering), the monitor that probes the server in the background, LISTEN connections that follow
+the leader, and applying schema.sql and roles.sql.
 
     python db.py apply-schema     # what `make schema` and the compose `migrate` service run
 
@@ -443,6 +443,74 @@ class LeaderPool(psycopg_pool.ConnectionPool):
                 self._next_retry = at
             delay = at - now
         super().schedule_task(task, delay)
+
+
+class Listen:
+    """A LISTEN connection to the leader on one channel, made again whenever it is lost.
+
+    The billing worker waits on it between passes and the change feed's bell in a thread of its
+    own. Its connection is the pool's (LeaderPool.connect_unpooled): cut when the pool's monitor
+    finds the server not answering, so that it LISTENs again, on the new leader after a failover.
+    """
+
+    CONNECT_DEADLINE_SECONDS = 5
+    # Short slices, so that stop is honoured within half a second.
+    SLICE_SECONDS = 0.5
+
+    def __init__(self, pool: LeaderPool, channel: str, application_name: str, reconnect_every: float, stop: threading.Event):
+        self._pool = pool
+        self._channel = channel
+        self._application_name = application_name
+        self._reconnect_every = reconnect_every
+        self._stop = stop
+        self._conn: psycopg.Connection | None = None
+        self._next_connect = 0.0
+
+    @property
+    def listening(self) -> bool:
+        return self._conn is not None
+
+    def wait(self, seconds: float) -> str | None:
+        """Why the wait ended: "notify" (a notification: every one queued is taken, one wake-up
+        serves them all), "listen" (a fresh LISTEN: notifications sent while nobody listened are
+        lost, so look), "timeout" (``seconds`` passed), or None (stop was set). Without a
+        connection it sleeps, trying to LISTEN again every ``reconnect_every`` seconds."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "timeout"
+            if self._conn is None:
+                if time.monotonic() >= self._next_connect and self._connect():
+                    return "listen"
+                self._stop.wait(max(0.0, min(remaining, self._next_connect - time.monotonic(), self.SLICE_SECONDS)))
+                continue
+            try:
+                if any(True for _ in self._conn.notifies(timeout=min(remaining, self.SLICE_SECONDS), stop_after=1)):
+                    for _ in self._conn.notifies(timeout=0):
+                        pass
+                    return "notify"
+            except psycopg.Error as exc:
+                log.warning("listen_connection_lost_polling", channel=self._channel, error=str(exc).strip())
+                self.close()
+        return None
+
+    def _connect(self) -> bool:
+        self._next_connect = time.monotonic() + self._reconnect_every
+        try:
+            with within(self.CONNECT_DEADLINE_SECONDS):
+                self._conn = self._pool.connect_unpooled(self._application_name)
+                self._conn.execute(f"LISTEN {self._channel}")  # a name of ours, never input
+            return True
+        except psycopg.Error as exc:
+            log.debug("cannot_listen_yet", channel=self._channel, error=str(exc).strip())
+            self.close()
+            return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 # Probed by DatabaseMonitor: on the leader (a standby cannot take the services' writes), and the

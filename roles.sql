@@ -158,7 +158,7 @@ BEGIN
     --   CLAIM_AND_BILL, BILL_ONE  insert billing_entries' appointment_id and total_price
     --                       (created_at and txid keep their defaults: the worker cannot choose
     --                       an entry's place in the change feed); SELECT_ENTRY, the listings,
-    --                       the change feed (feed.py) and reconcile read its columns.
+    --                       the change feed (ledger.py) and reconcile read its columns.
     --   The change feed's LISTEN on billing_entries, like every LISTEN, needs no grant.
     GRANT SELECT (id, end_date, price)
         ON appointments TO clinic_worker;

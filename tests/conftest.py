@@ -19,7 +19,7 @@ from psycopg.rows import dict_row
 
 import appointments
 import billing_worker
-import feed
+import ledger
 from config import Config
 from db import make_pool
 
@@ -126,8 +126,8 @@ def api(config, pool):
 
 @pytest.fixture
 def billing_api(config, pool):
-    bell = feed.LedgerBell(pool)  # the change feed's LISTEN, closed with the test
-    yield falcon.testing.TestClient(billing_worker.create_app(config, pool, bell=bell))
+    bell = ledger.LedgerBell(pool)  # the change feed's LISTEN, closed with the test
+    yield falcon.testing.TestClient(ledger.create_app(config, pool, bell=bell))
     bell.close()
 
 

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 import appointments
-import billing_worker
+import ledger
 from config import Config, ConfigError
 from db import make_pool
 from support import free_port
@@ -66,7 +66,7 @@ def guarded(config, pool):
     config = dataclasses.replace(config, api_token_hashes=(sha256(TOKEN), sha256(OTHER)))
     return (
         falcon.testing.TestClient(appointments.create_app(config, pool)),
-        falcon.testing.TestClient(billing_worker.create_app(config, pool)),
+        falcon.testing.TestClient(ledger.create_app(config, pool)),
     )
 
 

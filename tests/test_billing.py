@@ -8,6 +8,7 @@ import pytest
 
 import billing_worker
 from db import make_pool
+from ledger import LIST_ENTRIES
 from support import assert_billed_exactly_once, ledger, make_backlog, wait_until
 
 
@@ -195,7 +196,7 @@ def test_a_batch_of_rows_already_billed_elsewhere_is_not_billed_again(make_appoi
         # A batch smaller than what is due: the index gives the order without a sort. (When the
         # batch takes every pending row of a small table, a scan and sort is cheaper, rightly.)
         (billing_worker.CLAIM, {"batch_size": 50}, "billing_queue_due"),
-        (billing_worker.LIST_ENTRIES, {"limit": 100}, "billing_entries_newest"),
+        (LIST_ENTRIES, {"limit": 100}, "billing_entries_newest"),
     ],
 )
 def test_the_hot_queries_use_the_indexes_schema_sql_made_for_them(biller, db, query, params, index):

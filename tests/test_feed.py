@@ -25,7 +25,7 @@ import requests
 from psycopg.rows import dict_row
 
 import billing_worker
-import feed
+import ledger
 import paging
 from config import Config
 from db import make_pool
@@ -139,14 +139,14 @@ def template_db(admin_url):
 @pytest.fixture
 def bell(pool):
     """The feed's LISTEN connection, closed before the test's database is dropped."""
-    bell = feed.LedgerBell(pool)
+    bell = ledger.LedgerBell(pool)
     yield bell
     bell.close()
 
 
 @pytest.fixture
 def feed_api(config, pool, bell):
-    return falcon.testing.TestClient(billing_worker.create_app(config, pool, bell=bell))
+    return falcon.testing.TestClient(ledger.create_app(config, pool, bell=bell))
 
 
 def changes(client, **params):
@@ -672,9 +672,9 @@ def test_bad_cursors_limits_waits_and_parameters_are_400_naming_the_parameter(fe
             billing_worker.Biller(other_pool, 50, 3).drain()
             with other_pool.connection() as conn:
                 released(conn.cursor(row_factory=dict_row))
-            other_bell = feed.LedgerBell(other_pool)
+            other_bell = ledger.LedgerBell(other_pool)
             try:
-                other = falcon.testing.TestClient(billing_worker.create_app(other_config, other_pool, bell=other_bell))
+                other = falcon.testing.TestClient(ledger.create_app(other_config, other_pool, bell=other_bell))
                 foreign = changes(other).json["cursor"]
                 assert foreign != paging.FEED_START and changes(other, after=foreign).status_code == 200
             finally:
@@ -848,9 +848,9 @@ def test_a_dump_restored_into_a_new_cluster_is_refused_until_pg_resetwal_moves_i
         target_config = Config(database_url=target)
         target_pool = make_pool(target_config, "tests-restored")
         target_pool.open(wait=True, timeout=10)
-        target_bell = feed.LedgerBell(target_pool)
+        target_bell = ledger.LedgerBell(target_pool)
         try:
-            restored = falcon.testing.TestClient(billing_worker.create_app(target_config, target_pool, bell=target_bell))
+            restored = falcon.testing.TestClient(ledger.create_app(target_config, target_pool, bell=target_bell))
             from_start = changes(restored)
             assert from_start.status_code == 503, from_start.text
             # A good cursor gets the same 503: the server is at fault, not the consumer's cursor.
@@ -881,9 +881,9 @@ def test_a_dump_restored_into_a_new_cluster_is_refused_until_pg_resetwal_moves_i
         assert len(new_txids) == 10 and all(r["t"] >= epoch << 32 for r in new_txids)
         target_pool = make_pool(target_config, "tests-restored")
         target_pool.open(wait=True, timeout=10)
-        target_bell = feed.LedgerBell(target_pool)
+        target_bell = ledger.LedgerBell(target_pool)
         try:
-            restored = falcon.testing.TestClient(billing_worker.create_app(target_config, target_pool, bell=target_bell))
+            restored = falcon.testing.TestClient(ledger.create_app(target_config, target_pool, bell=target_bell))
             rest, _ = follow(restored, after=cursor, limit=7)
         finally:
             target_bell.close()

@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 
 import appointments
 import billing_worker
-import feed
+import ledger
 import paging
 from config import Config
 from db import make_pool
@@ -257,7 +257,7 @@ def readonly(admin_url, template_db):
     try:
         with pool:
             api = falcon.testing.TestClient(appointments.create_app(config, pool))
-            billing_api = falcon.testing.TestClient(billing_worker.create_app(config, pool))
+            billing_api = falcon.testing.TestClient(ledger.create_app(config, pool))
             for hour in (10, 11, 12):
                 body = {"physician_id": str(uuid.uuid4()), "patient_id": str(uuid.uuid4()), "start_date": f"2021-06-01 {hour}:00:00"}
                 created = api.simulate_post("/appointments", json=body)
@@ -442,7 +442,7 @@ def test_the_listings_are_served_as_the_services_own_roles(db_url, make_appointm
         with api_pool.connection() as conn:
             assert conn.execute("SELECT current_user").fetchone() == ("clinic_api",)
         api = falcon.testing.TestClient(appointments.create_app(api_config, api_pool))
-        worker = falcon.testing.TestClient(billing_worker.create_app(worker_config, worker_pool))
+        worker = falcon.testing.TestClient(ledger.create_app(worker_config, worker_pool))
         for params, count in (
             ({}, 4), ({"status": "open"}, 1), ({"status": "ended"}, 3),
             ({"physician_id": one["physician_id"]}, 1), ({"patient_id": one["patient_id"]}, 1),
@@ -692,14 +692,14 @@ def entry_cases(db) -> dict[str, tuple[str, dict[str, Any], str]]:
     deep = nth(db, "SELECT created_at, appointment_id FROM billing_entries ORDER BY created_at DESC, appointment_id DESC", [], 50_000)
     position = nth(db, "SELECT txid::text AS txid, appointment_id FROM billing_entries ORDER BY txid, appointment_id", [], 50_000)
     return {
-        "LIST_ENTRIES": (billing_worker.LIST_ENTRIES, {"limit": 101}, "billing_entries_newest"),
+        "LIST_ENTRIES": (ledger.LIST_ENTRIES, {"limit": 101}, "billing_entries_newest"),
         "LIST_ENTRIES_BEFORE": (
-            billing_worker.LIST_ENTRIES_BEFORE,
+            ledger.LIST_ENTRIES_BEFORE,
             {"limit": 101, "before_at": deep["created_at"], "before_id": deep["appointment_id"]},
             "billing_entries_newest",
         ),
-        "FEED_FROM_START": (feed.FEED_FROM_START, {"limit": 100}, "billing_entries_feed"),
-        "FEED_AFTER": (feed.FEED_AFTER, {"limit": 100, **position}, "billing_entries_feed"),
+        "FEED_FROM_START": (ledger.FEED_FROM_START, {"limit": 100}, "billing_entries_feed"),
+        "FEED_AFTER": (ledger.FEED_AFTER, {"limit": 100, **position}, "billing_entries_feed"),
     }
 
 

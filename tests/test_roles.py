@@ -24,9 +24,11 @@ from psycopg.rows import dict_row
 
 import appointments
 import billing_worker
+import reconcile
 import telemetry
 from config import Config
-from db import apply_schema, make_pool, set_role_passwords
+from db import Listen, apply_schema, make_pool, set_role_passwords
+from ledger import create_app as create_billing_app
 from support import ROOT, TempCluster, create_database, drop_database, ledger, make_backlog
 
 API, WORKER, OWNER = "clinic_api", "clinic_worker", "clinic_owner"
@@ -434,13 +436,13 @@ def test_the_billing_worker_bills_retries_requeues_serves_and_reconciles_as_clin
     reconcile_pool = make_pool(config, "tests-clinic-reconcile", max_size=1)  # as billing_worker.main makes it
     reconcile_pool.open(wait=True, timeout=10)
     try:
-        report = billing_worker.Biller(reconcile_pool, config.batch_size, config.max_attempts).reconcile()
+        report = reconcile.reconcile(reconcile_pool)
     finally:
         reconcile_pool.close()
     assert report["counts"] == {"ended": 6, "entries": 6, "pending": 0, "failed": 0}
-    assert all(report[name] == [] for name in billing_worker.RECONCILE_CHECKS), report
+    assert all(report[name] == [] for name in reconcile.RECONCILE_CHECKS), report
 
-    ledger_api = falcon.testing.TestClient(billing_worker.create_app(config, pool))
+    ledger_api = falcon.testing.TestClient(create_billing_app(config, pool))
     listed = ledger_api.simulate_get("/billing-entries", params={"limit": 10})  # LIST_ENTRIES
     assert listed.status_code == 200 and {e["appointment_id"] for e in listed.json} == {*first, *good, bad, already}
     assert ledger_api.simulate_get(f"/billing-entries/{bad}").status_code == 200  # SELECT_ENTRY
@@ -449,11 +451,11 @@ def test_the_billing_worker_bills_retries_requeues_serves_and_reconciles_as_clin
     assert metric(scraped, "clinic_db_up") == 1.0 and metric(scraped, "clinic_billing_queue_rows") == 0.0
 
     stop = threading.Event()
-    listener = billing_worker.Listener(pool, stop)
+    listen = Listen(pool, billing_worker.CHANNEL, "tests-listen", 0.25, stop)
     try:
-        assert listener.wait(5) == "listen"
+        assert listen.wait(5) == "listen"
     finally:
-        listener.close()
+        listen.close()
 
 
 @pytest.mark.parametrize("role", SERVICES)

@@ -19,9 +19,11 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 import billing_worker
+import ledger
 import telemetry
 from config import Config
 from db import make_pool
+from reconcile import RECONCILE_CHECKS
 from support import ROOT, as_role, free_port, make_backlog, wait_until
 from test_billing import poison
 from test_processes import service_env
@@ -84,7 +86,7 @@ def test_metrics_need_no_database_and_say_so_when_it_is_down():
     pool = make_pool(config, "tests")
     pool.open(wait=False)
     try:
-        client = falcon.testing.TestClient(billing_worker.create_app(config, pool))
+        client = falcon.testing.TestClient(ledger.create_app(config, pool))
         started = time.monotonic()
         text = scrape(client)
         assert time.monotonic() - started < 5
@@ -97,7 +99,7 @@ def test_metrics_need_no_database_and_say_so_when_it_is_down():
 
 def test_queue_gauges_show_pending_failed_and_the_oldest_due_age(config, pool, make_appointment, biller, db):
     metrics = telemetry.WorkerMetrics(pool, config.poll_seconds)
-    client = falcon.testing.TestClient(billing_worker.create_app(config, pool, metrics))
+    client = falcon.testing.TestClient(ledger.create_app(config, pool, metrics))
     text = scrape(client)
     assert value(text, "clinic_db_up") == 1
     assert value(text, "clinic_billing_queue_rows", status="pending") == 0
@@ -119,7 +121,7 @@ def test_queue_gauges_show_pending_failed_and_the_oldest_due_age(config, pool, m
 def test_backup_gauges_show_the_archiver_and_the_newest_recorded_base_backup(config, pool, db):
     """pg_stat_archiver as the server has it (this one may not archive: tests/test_backup.py scrapes
     one that does), and the age of the newest row of base_backups, absent while there is none."""
-    client = falcon.testing.TestClient(billing_worker.create_app(config, pool, telemetry.WorkerMetrics(pool)))
+    client = falcon.testing.TestClient(ledger.create_app(config, pool, telemetry.WorkerMetrics(pool)))
     server = db.execute(
         "SELECT current_setting('archive_mode') <> 'off' AS archiving,"
         "       coalesce(last_failed_time > last_archived_time, false) AS failing FROM pg_stat_archiver"
@@ -347,7 +349,7 @@ def test_reconcile_passes_a_consistent_ledger_with_its_counts(db_url, make_appoi
     code, report = reconcile(db_url)
     assert code == 0, report
     assert report["counts"] == {"ended": 3, "entries": 2, "pending": 1, "failed": 0}
-    assert all(report[name] == [] for name in billing_worker.RECONCILE_CHECKS)
+    assert all(report[name] == [] for name in RECONCILE_CHECKS)
 
 
 def test_reconcile_lists_each_kind_of_broken_money_and_exits_1(db_url, make_appointment, biller, db):
@@ -366,7 +368,7 @@ def test_reconcile_lists_each_kind_of_broken_money_and_exits_1(db_url, make_appo
     db.execute("UPDATE billing_queue SET status = 'pending', processed_at = NULL WHERE appointment_id = %s", [billed[3]["id"]])
     code, report = reconcile(db_url)
     assert code == 1
-    listed = {name: [row["appointment_id"] for row in report[name]] for name in billing_worker.RECONCILE_CHECKS}
+    listed = {name: [row["appointment_id"] for row in report[name]] for name in RECONCILE_CHECKS}
     assert listed == {
         "ended_without_charge": [lost_before_queue["id"]],
         "billed_without_entry": [billed[0]["id"]],

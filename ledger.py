@@ -1,9 +1,11 @@
-"""The ledger's change feed: every billing entry once, in a stable order, from any cursor on.
+"""What the billing service serves over HTTP: the ledger's entries, one by one and newest first,
+and its change feed, every entry once, in a stable order, from any cursor on. ``create_app`` builds
+the service's Falcon app; billing_worker.py runs it beside the worker loop.
 
-Reading: an entry's position is (txid, appointment_id), and a page holds only entries whose txid
-is below the xmin of the reading statement's snapshot: every transaction with a smaller id has
-ended, so nothing can appear later below a position already handed out (schema.sql, "The change
-feed", says why ordering by time or a sequence would skip entries).
+The change feed's reading: an entry's position is (txid, appointment_id), and a page holds only
+entries whose txid is below the xmin of the reading statement's snapshot: every transaction with a
+smaller id has ended, so nothing can appear later below a position already handed out (schema.sql,
+"The change feed", says why ordering by time or a sequence would skip entries).
 
 Waiting (``wait`` > 0 and nothing new): a request holds neither a pool connection nor a database
 session while it waits. One LISTEN connection per process (``LedgerBell``, started by the first
@@ -12,22 +14,25 @@ waiting requests, which read again. At most ``max_waiters`` requests wait at onc
 waitress threads left over keep serving everything else; one more is answered 503 at once. The
 request's deadline (web.Deadlines) is moved later by ``wait``: the wait is not the database's time.
 """
-
 from __future__ import annotations
 
 import threading
 import time
 from typing import Any
 
-import psycopg
+import falcon
+import psycopg_pool
 from psycopg.rows import dict_row
 
+import auth
 import db
+import paging
+from config import Config
 from paging import FeedPosition
-from telemetry import get_logger
-from web import Problem
+from telemetry import WorkerMetrics, get_logger
+from web import Problem, base_app, format_timestamp, money, parse_uuid, send
 
-log = get_logger("clinic.feed")
+log = get_logger("clinic.ledger")
 
 CHANNEL = "billing_entries"
 # Entries committed but held behind an older transaction still running: no NOTIFY says when it
@@ -73,23 +78,21 @@ SELECT EXISTS (SELECT 1 FROM billing_entries WHERE txid >= pg_snapshot_xmin(pg_c
 
 
 class LedgerBell:
-    """One LISTEN connection per process on CHANNEL; any number of threads wait for it to ring.
+    """One LISTEN connection per process on CHANNEL (db.Listen); any number of threads wait for it
+    to ring.
 
     ``generation`` goes up at every notification, at every fresh LISTEN (entries may have been
     committed while nobody listened) and, while there is no connection, once a second, so that
-    waiting requests fall back to reading once a second instead of waiting for nothing. The
-    connection is the pool's (db.LeaderPool.connect_unpooled): cut when the pool's monitor finds
-    the server not answering, so that it LISTENs again, on the new leader after a failover.
+    waiting requests fall back to reading once a second instead of waiting for nothing.
     """
 
     RECONNECT_EVERY = 1.0
-    CONNECT_DEADLINE_SECONDS = 5
 
     def __init__(self, pool: db.LeaderPool):
         self._pool = pool
         self._ringing = threading.Condition()
         self._generation = 0
-        self._stopping = False
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
@@ -100,22 +103,22 @@ class LedgerBell:
         """Until the bell rang after ``seen`` was read, ``timeout`` passed, or the bell closed."""
         self._start()
         with self._ringing:
-            self._ringing.wait_for(lambda: self._generation != seen or self._stopping, timeout)
+            self._ringing.wait_for(lambda: self._generation != seen or self._stop.is_set(), timeout)
 
     @property
     def closed(self) -> bool:
-        return self._stopping
+        return self._stop.is_set()
 
     def close(self) -> None:
         with self._ringing:
-            self._stopping = True
+            self._stop.set()
             self._ringing.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
     def _start(self) -> None:
         with self._ringing:
-            if self._thread is None and not self._stopping:
+            if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(target=self._listen, name="ledger-bell", daemon=True)
                 self._thread.start()
 
@@ -125,28 +128,20 @@ class LedgerBell:
             self._ringing.notify_all()
 
     def _listen(self) -> None:
-        while not self._stopping:
-            try:
-                with db.within(self.CONNECT_DEADLINE_SECONDS):
-                    conn = self._pool.connect_unpooled("billing-feed-listen")
-                with conn:
-                    with db.within(self.CONNECT_DEADLINE_SECONDS):
-                        conn.execute(f"LISTEN {CHANNEL}")
+        listen = db.Listen(self._pool, CHANNEL, "billing-feed-listen", self.RECONNECT_EVERY, self._stop)
+        try:
+            while not self._stop.is_set():
+                try:
+                    why = listen.wait(self.RECONNECT_EVERY)
+                except Exception:  # noqa: BLE001 - this thread must outlive anything; waiters poll meanwhile
+                    log.exception("feed_listen_failed_polling")
+                    listen.close()
+                    self._stop.wait(self.RECONNECT_EVERY)
+                    why = "timeout"
+                if why in ("notify", "listen") or (why == "timeout" and not listen.listening):
                     self._ring()
-                    while not self._stopping:
-                        # Short slices, so that close() is honoured within half a second.
-                        if any(True for _ in conn.notifies(timeout=0.5, stop_after=1)):
-                            for _ in conn.notifies(timeout=0):
-                                pass  # one ring serves every notification already queued
-                            self._ring()
-            except psycopg.Error as exc:
-                log.warning("feed_listen_connection_lost_polling", error=str(exc).strip())
-            except Exception:  # noqa: BLE001 - this thread must outlive anything; waiters poll meanwhile
-                log.exception("feed_listen_failed_polling")
-            deadline = time.monotonic() + self.RECONNECT_EVERY
-            while not self._stopping and time.monotonic() < deadline:
-                time.sleep(0.05)
-            self._ring()
+        finally:
+            listen.close()
 
 
 class Feed:
@@ -233,3 +228,112 @@ def positions_ahead() -> Problem:
 def last_position(rows: list[dict[str, Any]]) -> FeedPosition:
     last = rows[-1]
     return FeedPosition(int(last["position_txid"]), last["appointment_id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTTP resources, read-only.
+
+# One entry by its key (the primary key).
+SELECT_ENTRY = """
+SELECT appointment_id, total_price, created_at FROM billing_entries WHERE appointment_id = %(id)s
+"""
+
+# Newest first, one more row than the page shows (there is a next page when it comes); served by
+# the index billing_entries_newest, read from the cursor on (keyset, never OFFSET).
+LIST_ENTRIES = """
+SELECT appointment_id, total_price, created_at
+FROM billing_entries
+ORDER BY created_at DESC, appointment_id DESC
+LIMIT %(limit)s
+"""
+
+LIST_ENTRIES_BEFORE = """
+SELECT appointment_id, total_price, created_at
+FROM billing_entries
+WHERE (created_at, appointment_id) < (%(before_at)s, %(before_id)s)
+ORDER BY created_at DESC, appointment_id DESC
+LIMIT %(limit)s
+"""
+
+
+def entry_representation(row, config: Config) -> dict:
+    return {
+        "appointment_id": str(row["appointment_id"]),
+        "total_price": money(row["total_price"]),
+        "created_at": format_timestamp(row["created_at"], config.timezone),
+    }
+
+
+class BillingEntries:
+    """/billing-entries"""
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool, config: Config):
+        self._pool, self._config = pool, config
+
+    def on_get(self, req, resp):
+        params = paging.query_params(req.params, ("limit", "before"))
+        limit = paging.limit_param(params)
+        query, args = LIST_ENTRIES, {"limit": limit + 1}
+        if "before" in params:
+            before = paging.parse_list_cursor("entries", params["before"])
+            query, args = LIST_ENTRIES_BEFORE, {**args, "before_at": before.at, "before_id": before.id}
+        with self._pool.connection() as conn:
+            rows = conn.cursor(row_factory=dict_row).execute(query, args).fetchall()
+        if len(rows) > limit:
+            rows = rows[:limit]
+            cursor = paging.list_cursor("entries", paging.ListPosition(rows[-1]["created_at"], rows[-1]["appointment_id"]))
+            resp.set_header("Link", paging.next_link(req.path, {"limit": limit, "before": cursor}))
+        send(resp, 200, [entry_representation(row, self._config) for row in rows])
+
+    on_head = on_get
+
+
+class BillingEntryChanges:
+    """/billing-entries/changes"""
+
+    def __init__(self, ledger_feed: Feed, config: Config):
+        self._feed, self._config = ledger_feed, config
+
+    def on_get(self, req, resp):
+        params = paging.query_params(req.params, ("after", "limit", "wait"))
+        after = paging.parse_feed_cursor(params["after"]) if "after" in params else None
+        limit = paging.limit_param(params)
+        wait = paging.whole_number(params, "wait", 0, 0, 30, unit=" of seconds")
+        rows = self._feed.read(after, limit, wait)
+        if rows:
+            cursor = paging.feed_cursor(last_position(rows))
+        else:  # nothing new: the cursor that was sent, as it was sent
+            cursor = params.get("after", paging.FEED_START)
+        send(resp, 200, {"entries": [entry_representation(row, self._config) for row in rows], "cursor": cursor})
+
+    on_head = on_get
+
+
+class BillingEntry:
+    """/billing-entries/{appointment_id}"""
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool, config: Config):
+        self._pool, self._config = pool, config
+
+    def on_get(self, req, resp, appointment_id):
+        key = parse_uuid(appointment_id, "appointment_id")
+        with self._pool.connection() as conn:
+            row = conn.cursor(row_factory=dict_row).execute(SELECT_ENTRY, {"id": key}).fetchone()
+        if row is None:
+            raise Problem(404, f"appointment_id: no billing entry for {key} (not ended, or not billed yet)")
+        send(resp, 200, entry_representation(row, self._config))
+
+    on_head = on_get
+
+
+def create_app(
+    config: Config, pool: psycopg_pool.ConnectionPool, metrics: WorkerMetrics | None = None, bell: LedgerBell | None = None
+) -> falcon.App:
+    """``bell`` starts its LISTEN connection only when a request first waits on the change feed;
+    whoever made it closes it (one made here, when none is given, lives as long as the process)."""
+    app = base_app(pool, metrics or WorkerMetrics(pool, config.poll_seconds), auth.guards(config.api_token_hashes), config.request_timeout)
+    ledger_feed = Feed(pool, bell or LedgerBell(pool), config.feed_max_waiters)
+    app.add_route("/billing-entries", BillingEntries(pool, config))
+    app.add_route("/billing-entries/changes", BillingEntryChanges(ledger_feed, config))
+    app.add_route("/billing-entries/{appointment_id}", BillingEntry(pool, config))
+    return app
