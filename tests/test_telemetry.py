@@ -402,27 +402,6 @@ def test_reconcile_on_a_database_without_the_schema_exits_2_not_1(admin_url):
         drop_database(admin_url, name)
 
 
-def test_schema_sql_upgrades_a_database_of_the_previous_version_keeping_every_row(db_url, db, make_appointment, biller, api):
-    """The previous schema.sql had no request_id, no billing_queue_failed index and no view."""
-    make_appointment(end="2020-12-01 14:00:00")
-    biller.drain()
-    make_appointment(end="2020-12-01 14:00:00")
-    db.execute("DROP VIEW billing_status")
-    db.execute("DROP INDEX billing_queue_failed")
-    db.execute("ALTER TABLE billing_queue DROP COLUMN request_id")
-    from db import apply_schema
-
-    apply_schema(db_url)
-    apply_schema(db_url)  # and again: idempotent
-    assert [r["status"] for r in db.execute("SELECT status FROM billing_status ORDER BY status")] == ["billed", "pending"]
-    assert db.execute("SELECT count(*) AS n FROM billing_queue WHERE request_id IS NULL").fetchone()["n"] == 2
-    fresh = make_appointment()
-    api.simulate_post(f"/appointments/{fresh['id']}/end", headers={"X-Request-ID": "after-upgrade"})
-    assert db.execute("SELECT request_id FROM billing_queue WHERE appointment_id = %s", [fresh["id"]]).fetchone()["request_id"] == "after-upgrade"
-    with pytest.raises(Exception, match="billing_queue_request_id_shape"):
-        db.execute("UPDATE billing_queue SET request_id = 'no spaces allowed' WHERE appointment_id = %s", [fresh["id"]])
-
-
 @pytest.mark.slow
 def test_the_queue_gauges_stay_index_served_with_ten_million_billed_rows(db):
     """QUEUE_STATS reads billing_queue only through its partial indexes: no sequential scan,
