@@ -22,7 +22,12 @@ $(VENV)/.installed: requirements.lock requirements-dev.lock requirements.txt req
 	$(PY) -m pip check --disable-pip-version-check
 	touch $@
 
+# Scripts run directly (bench/bench.py, tests/chaos.py, the helper scripts tests start) import the
+# project's modules and tests/' helpers as pytest does (pytest.ini's pythonpath): a .pth file in the
+# venv names the two directories, as an editable install would, so that no script edits sys.path.
 venv: $(VENV)/.installed
+	@$(PY) -c 'import pathlib, sys, sysconfig; pathlib.Path(sysconfig.get_path("purelib"), "clinic-billing.pth").write_text("".join(p + "\n" for p in sys.argv[1:]))' \
+	    "$(CURDIR)" "$(CURDIR)/tests"
 
 # ---------------------------------------------------------------------------------------------
 # Lock files: every package with the sha256 of each of its files on PyPI; commit them.

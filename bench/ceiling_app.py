@@ -28,13 +28,10 @@ import json
 import os
 import sys
 import uuid
-from pathlib import Path
 
 import falcon
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import web  # noqa: E402
+import web
 
 
 class Echo:

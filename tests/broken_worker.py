@@ -8,11 +8,8 @@ can fail. Lives in tests/ only, so production code cannot reach it.
 
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import billing_worker  # noqa: E402
+import billing_worker
 
 MARK_FIRST = """
 WITH due AS (

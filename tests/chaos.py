@@ -54,10 +54,7 @@ from pathlib import Path
 import psycopg
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from support import BASE_START, Service, TempCluster, as_role, expected_price, fresh_database, free_port, wait_until  # noqa: E402
+from support import BASE_START, Service, TempCluster, as_role, expected_price, fresh_database, free_port, wait_until
 
 IDLE_TIMEOUT_SECONDS = 5  # billing_worker.WORKER_SESSION
 SERVICE_APPS = ("appointments", "billing-worker", "billing-worker-listen", "billing-feed-listen")

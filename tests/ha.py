@@ -43,7 +43,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,13 +51,10 @@ import psycopg
 import requests
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from db import apply_schema  # noqa: E402
-from support import children as _children  # noqa: E402
-from support import free_port, freeze, thaw, wait_until  # noqa: E402
-from support import pid_alive as _pid_alive  # noqa: E402
+from db import apply_schema
+from support import children as _children
+from support import free_port, freeze, thaw, wait_until
+from support import pid_alive as _pid_alive
 
 PG_BINDIR = "/usr/lib/postgresql/15/bin"
 TOOLS = {"patroni": "patroni", "etcd": "etcd-server", "setpriv": "util-linux"}

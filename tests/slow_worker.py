@@ -14,11 +14,8 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import billing_worker  # noqa: E402
+import billing_worker
 
 SLOW_SECONDS = float(os.environ.get("SLOW_WORKER_SECONDS", "1.5"))
 LOG = os.environ.get("SLOW_WORKER_LOG")
