@@ -398,6 +398,65 @@ def assert_billed_exactly_once(conn, ended: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The listings' data set: tests/test_listings.py's plans and make bench's listings section page through it.
+
+LISTINGS_OPEN = 300  # the newest appointments: still in progress
+LISTINGS_BATCH = 500  # entries per worker transaction: one txid and one created_at each
+
+# `rows` appointments, four on each minute (ties). Every 10th is the busy physician's, every 10th
+# (another tenth) the busy patient's; the rest spread over 997 physicians and 1009 patients. Ids
+# are md5 of the row number, so that a test can name them without a lookup.
+LOAD_LISTING_APPOINTMENTS = """
+INSERT INTO appointments (id, physician_id, patient_id, start_date, end_date, hourly_rate, price)
+SELECT md5('appointment ' || g)::uuid,
+       md5('physician ' || CASE WHEN g %% 10 = 0 THEN 0 ELSE g %% 997 + 1 END)::uuid,
+       md5('patient ' || CASE WHEN g %% 10 = 5 THEN 0 ELSE g %% 1009 + 1 END)::uuid,
+       s.start,
+       CASE WHEN g <= %(ended)s THEN s.start + make_interval(mins => g %% 90 + 1) END,
+       200.00,
+       CASE WHEN g <= %(ended)s THEN round(200.00 * (g %% 90 + 1) / 60, 2) END
+FROM generate_series(1, %(rows)s) g,
+     LATERAL (SELECT timestamptz '2020-01-01 00:00:00+00' + (g / 4) * interval '1 minute' AS start) s
+"""
+
+LOAD_LISTING_QUEUE = """
+INSERT INTO billing_queue (appointment_id, total_price, status, attempts, processed_at)
+SELECT id, price, 'billed', 1, now() FROM appointments WHERE end_date IS NOT NULL
+"""
+
+# The ledger as a worker writes it: a transaction per batch (its own txid and created_at), in the
+# order the appointments ended.
+LOAD_LISTING_ENTRIES = """
+DO $$
+DECLARE lo bigint := 1;
+BEGIN
+    WHILE lo <= {ended} LOOP
+        INSERT INTO billing_entries (appointment_id, total_price)
+        SELECT md5('appointment ' || g)::uuid, round(200.00 * (g % 90 + 1) / 60, 2)
+        FROM generate_series(lo, least(lo + {batch} - 1, {ended})) g;
+        COMMIT;
+        lo := lo + {batch};
+    END LOOP;
+END $$
+"""
+
+
+def load_listings(conn, rows: int) -> None:
+    """The data set into an empty database (an autocommit connection): the newest LISTINGS_OPEN
+    appointments open, the rest ended, billed and in the ledger; then VACUUM ANALYZE (what
+    autovacuum keeps doing in production). The triggers are off while it loads
+    (session_replication_role = replica: no foreign-key checks, no NOTIFY), twice as fast; the rows
+    are consistent by construction."""
+    ended = rows - LISTINGS_OPEN
+    conn.execute("SET session_replication_role = replica")
+    conn.execute(LOAD_LISTING_APPOINTMENTS, {"rows": rows, "ended": ended})
+    conn.execute(LOAD_LISTING_QUEUE)
+    conn.execute(LOAD_LISTING_ENTRIES.format(ended=int(ended), batch=int(LISTINGS_BATCH)))
+    conn.execute("RESET session_replication_role")
+    conn.execute("VACUUM ANALYZE")
+
+
+# ---------------------------------------------------------------------------------------------
 # The edge (HAProxy with deploy/haproxy/haproxy.cfg) and wrk, for the overload tests and bench.
 
 EDGE_CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"

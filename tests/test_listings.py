@@ -25,7 +25,10 @@ import ledger
 import paging
 from config import Config
 from db import make_pool
-from support import as_role, assert_problem, create_database, drop_database, make_backlog, wait_until
+from support import (
+    LISTINGS_BATCH, LISTINGS_OPEN, as_role, assert_problem, create_database, drop_database, load_listings, make_backlog,
+    wait_until,
+)
 
 NEXT = re.compile(r'<(?P<url>[^<>]+)>; rel="next"')
 
@@ -459,46 +462,9 @@ def test_the_listings_are_served_as_the_services_own_roles(db_url, make_appointm
 # ---------------------------------------------------------------------------------------------
 # Plans, on enough rows for the planner to mean it.
 
+# support.load_listings' data set (make bench's listings section pages through it too), ROWS of
+# it: about 135 rows for each of the 997 physicians and 150 for each of the 1009 patients.
 ROWS = 150_000
-OPEN = 300  # the newest ones: appointments still in progress
-BATCH = 500  # entries per worker transaction: one txid and one created_at each
-
-# ROWS appointments, four on each minute (ties). Every 10th is the busy physician's, every 10th
-# (another tenth) the busy patient's; the rest spread over 997 physicians and 1009 patients (about
-# 135 and 150 rows each). Ids are md5 of the row number, so tests can name them without a lookup.
-LOAD_APPOINTMENTS = """
-INSERT INTO appointments (id, physician_id, patient_id, start_date, end_date, hourly_rate, price)
-SELECT md5('appointment ' || g)::uuid,
-       md5('physician ' || CASE WHEN g %% 10 = 0 THEN 0 ELSE g %% 997 + 1 END)::uuid,
-       md5('patient ' || CASE WHEN g %% 10 = 5 THEN 0 ELSE g %% 1009 + 1 END)::uuid,
-       s.start,
-       CASE WHEN g <= %(ended)s THEN s.start + make_interval(mins => g %% 90 + 1) END,
-       200.00,
-       CASE WHEN g <= %(ended)s THEN round(200.00 * (g %% 90 + 1) / 60, 2) END
-FROM generate_series(1, %(rows)s) g,
-     LATERAL (SELECT timestamptz '2020-01-01 00:00:00+00' + (g / 4) * interval '1 minute' AS start) s
-"""
-
-LOAD_QUEUE = """
-INSERT INTO billing_queue (appointment_id, total_price, status, attempts, processed_at)
-SELECT id, price, 'billed', 1, now() FROM appointments WHERE end_date IS NOT NULL
-"""
-
-# The ledger as a worker writes it: a transaction per batch (its own txid and created_at), in the
-# order the appointments ended.
-LOAD_ENTRIES = """
-DO $$
-DECLARE lo bigint := 1;
-BEGIN
-    WHILE lo <= {ended} LOOP
-        INSERT INTO billing_entries (appointment_id, total_price)
-        SELECT md5('appointment ' || g)::uuid, round(200.00 * (g % 90 + 1) / 60, 2)
-        FROM generate_series(lo, least(lo + {batch} - 1, {ended})) g;
-        COMMIT;
-        lo := lo + {batch};
-    END LOOP;
-END $$
-"""
 
 
 def md5_uuid(db, text: str) -> uuid.UUID:
@@ -508,20 +474,13 @@ def md5_uuid(db, text: str) -> uuid.UUID:
 @pytest.fixture(scope="module")
 def loaded(admin_url, template_db):
     """A database of its own with ROWS appointments, their queue rows and entries, vacuumed and
-    analyzed (what autovacuum keeps doing in production). Loaded with the triggers off
-    (session_replication_role = replica: no foreign-key checks, no NOTIFY), twice as fast; the
-    rows are consistent by construction, and counted below."""
+    analyzed (support.load_listings); the rows are consistent by construction, and counted below."""
     name = f"clinic_test_plans_{uuid.uuid4().hex[:8]}"
     url = create_database(admin_url, name, template=template_db)
     try:
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-            ended = ROWS - OPEN
-            conn.execute("SET session_replication_role = replica")
-            conn.execute(LOAD_APPOINTMENTS, {"rows": ROWS, "ended": ended})
-            conn.execute(LOAD_QUEUE)
-            conn.execute(LOAD_ENTRIES.format(ended=int(ended), batch=int(BATCH)))
-            conn.execute("RESET session_replication_role")
-            conn.execute("VACUUM ANALYZE")
+            load_listings(conn, ROWS)
+            ended = ROWS - LISTINGS_OPEN
             counts = conn.execute(
                 """SELECT (SELECT count(*) FROM appointments) AS appointments,
                           (SELECT count(*) FROM appointments WHERE end_date IS NULL) AS open,
@@ -530,8 +489,8 @@ def loaded(admin_url, template_db):
                           (SELECT count(DISTINCT txid) FROM billing_entries) AS transactions,
                           (SELECT count(*) FROM billing_entries e JOIN billing_queue q USING (appointment_id)) AS joined"""
             ).fetchone()
-            assert counts == {"appointments": ROWS, "open": OPEN, "queued": ended, "entries": ended,
-                              "transactions": -(-ended // BATCH), "joined": ended}
+            assert counts == {"appointments": ROWS, "open": LISTINGS_OPEN, "queued": ended, "entries": ended,
+                              "transactions": -(-ended // LISTINGS_BATCH), "joined": ended}
         yield url
     finally:
         drop_database(admin_url, name)
