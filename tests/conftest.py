@@ -1,19 +1,22 @@
 """Fixtures on a real PostgreSQL.
 
 TEST_DATABASE_URL names a server (default postgresql://postgres@127.0.0.1:5432/postgres). The
-suite makes a template database from schema.sql once, and each test gets a fresh copy of it. When
-nothing answers at the default address, a temporary cluster is started from the local server
-binaries; when that is impossible too, the run stops and says how to provide a server.
+suite makes a template database from schema.sql once per server, and each test gets a database as
+the template has it (``Databases``). When nothing answers at the default address, a temporary
+cluster is started from the local server binaries; when that is impossible too, the run stops and
+says how to provide a server.
 """
-
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import time
 import uuid
 
 import falcon.testing
 import psycopg
+import psycopg.conninfo
 import pytest
 from psycopg.rows import dict_row
 
@@ -28,9 +31,11 @@ from support import (
     TempCluster,
     apply_schema,
     as_role,
+    catalog_shape,
     create_database,
     drop_database,
     free_port,
+    with_dbname,
 )
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -81,22 +86,124 @@ def admin_url():
         cluster.destroy()
 
 
+# What a test may leave behind that emptying the tables would not undo: a session still on the
+# database (a process, a LISTEN, a lock), a prepared transaction, planner statistics of its data.
+LEFT_BEHIND = """
+SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()) AS sessions,
+       (SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()) AS prepared,
+       (SELECT count(*) FROM pg_statistic s JOIN pg_class c ON c.oid = s.starelid
+        WHERE c.relnamespace = 'public'::regnamespace) AS statistics
+"""
+
+# Every table emptied at once (foreign keys forbid one at a time); replica mode, as the owner of
+# the ledger may, so that its append-only trigger lets TRUNCATE through; the counters in
+# pg_stat_user_tables start again.
+EMPTY_TABLES = """
+SET session_replication_role = replica;
+DO $$ BEGIN
+    EXECUTE (SELECT 'TRUNCATE ' || string_agg(oid::regclass::text, ', ') || ' RESTART IDENTITY'
+             FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r');
+END $$;
+RESET session_replication_role;
+SELECT pg_stat_reset();
+"""
+
+
+class Databases:
+    """The tests' databases, per server: the template (schema.sql and roles.sql applied once) and,
+    for each test, a database as the template has it.
+
+    A test's database is a copy of the template (CREATE DATABASE, about 0.2 s), or one that an
+    earlier test gave back in the template's shape: the same catalog (support.SHAPE), no session left
+    on it, no prepared transaction, no planner statistics. That one is emptied (milliseconds) and
+    handed out again; any other is dropped. So a test that changes the schema, analyzes, or leaves
+    a process behind costs a new copy, and no test sees what another left.
+    """
+
+    def __init__(self):
+        self._templates: dict[str, str] = {}
+        self._shapes: dict[str, dict] = {}
+        self._spare: dict[str, list[str]] = collections.defaultdict(list)
+        self._made: dict[str, set[str]] = collections.defaultdict(set)
+
+    def template(self, admin_url: str) -> str:
+        if admin_url not in self._templates:
+            name = f"clinic_tmpl_{uuid.uuid4().hex[:10]}"
+            url = create_database(admin_url, name)
+            self._made[admin_url].add(name)
+            apply_schema(url)
+            self._templates[admin_url] = name
+            # Taken from a copy: CREATE DATABASE copies the objects, not the database's own grants.
+            copy = self._copy(admin_url)
+            with psycopg.connect(with_dbname(admin_url, copy)) as conn:
+                self._shapes[admin_url] = catalog_shape(conn)
+            self._spare[admin_url].append(copy)
+        return self._templates[admin_url]
+
+    def _copy(self, admin_url: str) -> str:
+        name = f"clinic_test_{uuid.uuid4().hex[:12]}"
+        create_database(admin_url, name, template=self._templates[admin_url])
+        self._made[admin_url].add(name)
+        return name
+
+    def take(self, admin_url: str) -> str:
+        """A database's URL, for one test; give it back with ``give_back``."""
+        self.template(admin_url)
+        name = self._spare[admin_url].pop() if self._spare[admin_url] else self._copy(admin_url)
+        return with_dbname(admin_url, name)
+
+    def give_back(self, admin_url: str, url: str) -> None:
+        name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=3) as conn:
+                left = conn.execute(LEFT_BEHIND).fetchone()
+                for _ in range(10):  # a session just closed by its client may take a moment to end
+                    if not left[0]:
+                        break
+                    time.sleep(0.02)
+                    left = conn.execute(LEFT_BEHIND).fetchone()
+                if not any(left) and catalog_shape(conn) == self._shapes[admin_url]:
+                    conn.execute("SET lock_timeout = '1s'")
+                    conn.execute(EMPTY_TABLES)
+                    self._spare[admin_url].append(name)
+                    return
+        except psycopg.Error:
+            pass  # whatever it is, a new copy is made for the next test
+        drop_database(admin_url, name)
+        self._made[admin_url].discard(name)
+
+    def forget(self, admin_url: str) -> None:
+        """The server is going away with its databases (a cluster of a module's own)."""
+        for table in (self._templates, self._shapes, self._spare, self._made):
+            table.pop(admin_url, None)
+
+    def drop_all(self) -> None:
+        for admin_url, names in self._made.items():
+            for name in names:
+                try:
+                    drop_database(admin_url, name)
+                except psycopg.OperationalError:
+                    pass  # a cluster of a module's own, already gone with its databases
+
+
 @pytest.fixture(scope="session")
-def template_db(admin_url):
-    name = f"clinic_tmpl_{uuid.uuid4().hex[:10]}"
-    url = create_database(admin_url, name)
-    apply_schema(url)
-    yield name
-    drop_database(admin_url, name)
+def databases():
+    stock = Databases()
+    yield stock
+    stock.drop_all()
+
+
+@pytest.fixture(scope="session")
+def template_db(admin_url, databases):
+    return databases.template(admin_url)
 
 
 @pytest.fixture
-def db_url(admin_url, template_db):
-    """A fresh database with the schema, dropped after the test."""
-    name = f"clinic_test_{uuid.uuid4().hex[:12]}"
-    url = create_database(admin_url, name, template=template_db)
+def db_url(admin_url, databases):
+    """A database with the schema and no rows, for this test alone."""
+    url = databases.take(admin_url)
     yield url
-    drop_database(admin_url, name)
+    databases.give_back(admin_url, url)
 
 
 @pytest.fixture

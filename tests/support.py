@@ -267,6 +267,62 @@ def drop_database(admin_url: str, name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# What PostgreSQL's catalog says about every object of schema public (and the database's schemas and
+# settings), one query per aspect, each row a tuple of text and booleans (arrays sorted into text,
+# so that grant order does not count). test_schema compares an upgraded database with a fresh
+# install by it; conftest's Databases, a database a test gives back with the template's.
+# Column position is the rank among live columns: the order a reader and SELECT * see.
+SHAPE = {
+    "relations": """
+        SELECT c.relname, c.relkind::text, c.relpersistence::text, pg_get_userbyid(c.relowner),
+               array_to_string(ARRAY(SELECT unnest(c.relacl)::text ORDER BY 1), ' '),
+               array_to_string(ARRAY(SELECT unnest(c.reloptions) ORDER BY 1), ' ')
+        FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace""",
+    "columns": """
+        SELECT c.relname, a.attname, rank() OVER (PARTITION BY c.oid ORDER BY a.attnum)::int,
+               format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid),
+               a.attidentity::text, a.attgenerated::text, a.atthasmissing,
+               array_to_string(ARRAY(SELECT unnest(a.attacl)::text ORDER BY 1), ' ')
+        FROM pg_class c
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+        LEFT JOIN pg_attrdef d ON (d.adrelid, d.adnum) = (a.attrelid, a.attnum)
+        WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'v')""",
+    "constraints": """
+        SELECT conrelid::regclass::text, conname, contype::text, pg_get_constraintdef(oid), convalidated
+        FROM pg_constraint WHERE connamespace = 'public'::regnamespace""",
+    "indexes": """
+        SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid), indisvalid, indisready
+        FROM pg_index WHERE indrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'public'::regnamespace)""",
+    "triggers": """
+        SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid), tgenabled::text
+        FROM pg_trigger WHERE NOT tgisinternal
+          AND tgrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'public'::regnamespace)""",
+    "functions": """
+        SELECT oid::regprocedure::text, pg_get_functiondef(oid), pg_get_userbyid(proowner),
+               array_to_string(ARRAY(SELECT unnest(proacl)::text ORDER BY 1), ' ')
+        FROM pg_proc WHERE pronamespace = 'public'::regnamespace""",
+    "views": """
+        SELECT relname, pg_get_viewdef(oid) FROM pg_class
+        WHERE relnamespace = 'public'::regnamespace AND relkind = 'v'""",
+    "schema": """
+        SELECT nspname, pg_get_userbyid(nspowner), array_to_string(ARRAY(SELECT unnest(nspacl)::text ORDER BY 1), ' ')
+        FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'""",
+    "database": """
+        SELECT array_to_string(ARRAY(SELECT unnest(datacl)::text ORDER BY 1), ' ')
+        FROM pg_database WHERE datname = current_database()""",
+    "settings": """
+        SELECT pg_get_userbyid(setrole), array_to_string(setconfig, ' ') FROM pg_db_role_setting
+        WHERE setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())""",
+    # The version section 4 of schema.sql records is one of these.
+    "comments": """
+        SELECT pg_describe_object(classoid, objoid, objsubid), description FROM pg_description
+        WHERE objoid >= 16384 OR (classoid = 'pg_namespace'::regclass AND objoid = 'public'::regnamespace)""",
+}
+
+def catalog_shape(conn) -> dict[str, set[tuple]]:
+    return {aspect: set(conn.execute(query).fetchall()) for aspect, query in SHAPE.items()}
+
+
 # The database role each service logs in as (roles.sql); trust authentication needs no password.
 SERVICE_ROLES = {"appointments.py": "clinic_api", "billing_worker.py": "clinic_worker", "tests/broken_worker.py": "clinic_worker"}
 

@@ -108,7 +108,7 @@ def bill_once(url: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def admin_url(admin_url):
+def admin_url(admin_url, databases):
     """A PostgreSQL cluster for these tests alone (the suite's server when none can be started).
 
     The feed's horizon is the oldest transaction running on the whole server: on a server that
@@ -122,15 +122,8 @@ def admin_url(admin_url):
         cluster.start()
         yield cluster.url
     finally:
+        databases.forget(cluster.url)
         cluster.destroy()
-
-
-@pytest.fixture(scope="module")
-def template_db(admin_url):
-    name = f"clinic_tmpl_{uuid.uuid4().hex[:10]}"
-    apply_schema(create_database(admin_url, name))
-    yield name
-    drop_database(admin_url, name)
 
 
 # --- in-process clients ---------------------------------------------------------------------------
@@ -640,7 +633,7 @@ def test_an_empty_ledger_answers_no_entries_and_the_start_cursor_and_nothing_new
     assert again.json == {"entries": [], "cursor": last.json["cursor"]}
 
 
-def test_bad_cursors_limits_waits_and_parameters_are_400_naming_the_parameter(feed_api, biller, db, admin_url, template_db):
+def test_bad_cursors_limits_waits_and_parameters_are_400_naming_the_parameter(feed_api, biller, db, admin_url, databases):
     make_backlog(db, 2)
     biller.drain()
     released(db)
@@ -661,7 +654,7 @@ def test_bad_cursors_limits_waits_and_parameters_are_400_naming_the_parameter(fe
 
     # A cursor that another database's feed really issued.
     name = f"clinic_test_{uuid.uuid4().hex[:12]}"
-    other_url = create_database(admin_url, name, template=template_db)
+    other_url = create_database(admin_url, name, template=databases.template(admin_url))
     try:
         other_config = Config(database_url=other_url, poll_seconds=0.2, batch_size=50, max_attempts=3)
         other_pool = make_pool(other_config, "tests-other")

@@ -24,58 +24,12 @@ import pytest
 from psycopg import sql
 
 from db import apply_schema
-from support import ROOT, create_database, drop_database
+from support import ROOT, SHAPE, create_database, drop_database
+from support import catalog_shape as shape
 
 VERSIONS = ROOT / "tests" / "schema_versions"
 OLDEST, CURRENT = 1, 4
 OLDER = list(range(OLDEST, CURRENT))
-
-# What PostgreSQL's catalog says about every object of schema public, one query per aspect, each
-# row a tuple of text and booleans (arrays sorted into text, so that grant order does not count).
-# Column position is the rank among live columns: the order a reader and SELECT * see.
-SHAPE = {
-    "relations": """
-        SELECT c.relname, c.relkind::text, c.relpersistence::text, pg_get_userbyid(c.relowner),
-               array_to_string(ARRAY(SELECT unnest(c.relacl)::text ORDER BY 1), ' '),
-               array_to_string(ARRAY(SELECT unnest(c.reloptions) ORDER BY 1), ' ')
-        FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace""",
-    "columns": """
-        SELECT c.relname, a.attname, rank() OVER (PARTITION BY c.oid ORDER BY a.attnum)::int,
-               format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid),
-               a.attidentity::text, a.attgenerated::text, a.atthasmissing,
-               array_to_string(ARRAY(SELECT unnest(a.attacl)::text ORDER BY 1), ' ')
-        FROM pg_class c
-        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-        LEFT JOIN pg_attrdef d ON (d.adrelid, d.adnum) = (a.attrelid, a.attnum)
-        WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'v')""",
-    "constraints": """
-        SELECT conrelid::regclass::text, conname, contype::text, pg_get_constraintdef(oid), convalidated
-        FROM pg_constraint WHERE connamespace = 'public'::regnamespace""",
-    "indexes": """
-        SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid), indisvalid, indisready
-        FROM pg_index WHERE indrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'public'::regnamespace)""",
-    "triggers": """
-        SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid), tgenabled::text
-        FROM pg_trigger WHERE NOT tgisinternal
-          AND tgrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'public'::regnamespace)""",
-    "functions": """
-        SELECT oid::regprocedure::text, pg_get_functiondef(oid), pg_get_userbyid(proowner),
-               array_to_string(ARRAY(SELECT unnest(proacl)::text ORDER BY 1), ' ')
-        FROM pg_proc WHERE pronamespace = 'public'::regnamespace""",
-    "views": """
-        SELECT relname, pg_get_viewdef(oid) FROM pg_class
-        WHERE relnamespace = 'public'::regnamespace AND relkind = 'v'""",
-    "schema": """
-        SELECT nspname, pg_get_userbyid(nspowner), array_to_string(ARRAY(SELECT unnest(nspacl)::text ORDER BY 1), ' ')
-        FROM pg_namespace WHERE nspname = 'public'""",
-    "database": """
-        SELECT array_to_string(ARRAY(SELECT unnest(datacl)::text ORDER BY 1), ' ')
-        FROM pg_database WHERE datname = current_database()""",
-    # The version section 4 of schema.sql records is one of these.
-    "comments": """
-        SELECT pg_describe_object(classoid, objoid, objsubid), description FROM pg_description
-        WHERE objoid >= 16384 OR (classoid = 'pg_namespace'::regclass AND objoid = 'public'::regnamespace)""",
-}
 
 # Every table's rows, whole, to prove an upgrade keeps them.
 TABLE_ROWS = sql.SQL("SELECT to_jsonb(t) AS row FROM {table} t ORDER BY 1")
@@ -117,10 +71,6 @@ INTENDED = {
     2: {"constraints": REQUEST_ID_CHECK_NOT_VALID, "columns": TXID_OF_OLD_ENTRIES_IN_THE_CATALOG},
     3: {"constraints": REQUEST_ID_CHECK_NOT_VALID},
 }
-
-
-def shape(conn) -> dict[str, set[tuple]]:
-    return {aspect: set(conn.execute(query).fetchall()) for aspect, query in SHAPE.items()}
 
 
 def differences(fresh: dict, other: dict) -> dict[str, tuple[set, set]]:
