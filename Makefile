@@ -116,10 +116,10 @@ DURATION ?= 120
 chaos: venv
 	$(PY) tests/chaos.py --duration $(DURATION)
 
-# The benchmark harness (bench/bench.py): every figure next to this machine's ceiling, about 12
+# The benchmark harness (bench/bench.py): every figure next to this machine's ceiling, about 14
 # minutes on 2 cores (the soak of 500,000 requests is cut short, and says so, should the run pass
-# --budget-seconds, 840 by default); bench-smoke runs it at tiny sizes in about a minute (CI runs
-# that through tests/test_bench.py). BENCH_ARGS passes options, e.g.
+# --budget-seconds, 840 by default); bench-smoke runs every section at tiny sizes in about a minute
+# and a half (CI runs that through tests/test_bench.py). BENCH_ARGS passes options, e.g.
 # BENCH_ARGS='--seconds 8 --soak-requests 100000'.
 # wrk, haproxy and pgbackrest (Debian's packages) are installed first when missing.
 .PHONY: bench bench-smoke

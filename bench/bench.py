@@ -1,22 +1,23 @@
 """make bench: every figure of the service next to this machine's own ceiling for it, measured in the same run.
 
     make bench            # .venv/bin/python bench/bench.py, after installing wrk and haproxy when missing
-    make bench-smoke      # the same with --smoke: tiny sizes, the whole harness in about a minute
+    make bench-smoke      # the same with --smoke: tiny sizes, every section in about a minute and a half
     .venv/bin/python bench/bench.py [--seconds 4] [--connections 4,16,64] [--backlog 100000]
         [--e2c-rates 200,500] [--e2c-seconds 10] [--soak-requests 500000] [--budget-seconds 840]
         [--overload-connections 16,256,1000,4000] [--freeze-seconds 12] [--backup-appointments 1000000]
-        [--backup-load-seconds 4] [--out FILE] [--smoke]
+        [--backup-load-seconds 4] [--scale-connections 64] [--listing-rows 1000000] [--listing-repeats 100]
+        [--out FILE] [--smoke]
 
-This file owns the harness; bench/bench_*.lua are its wrk scripts and bench/ceiling_app.py the
-app of the framework ceiling and of the design floor. Processes, wrk runs and tables come from
-bench/capacity.py, the cluster, the edge, the load client and the ledger check from
-tests/support.py, the restore drill from tests/restore_drill.py. Needs wrk, pgbench, haproxy,
-pgbackrest and the PostgreSQL server binaries (Debian: wrk, haproxy, pgbackrest, and postgresql-15
-with its client). Takes about 12 minutes on 2 cores (the soak's 500,000
-requests are a third of it, section 9's million appointments a fifth; --budget-seconds keeps the
-whole under 14 minutes, see 6); --smoke takes
-about a minute. The table ends with the run's wall
-time and each part's.
+This file owns the harness; bench/bench_*.lua are its wrk scripts (each ends with
+bench_report.lua's result line) and bench/ceiling_app.py the app of the framework ceiling and of
+the design floor. The cluster, the edge, wrk's timed runs, the load client, the ledger check and
+the listings' data set come from tests/support.py, the restore drill from tests/restore_drill.py;
+they import as top-level modules through the venv's .pth file (make venv), as in pytest.
+Needs wrk, pgbench, haproxy, pgbackrest and the PostgreSQL server binaries (Debian: wrk, haproxy,
+pgbackrest, and postgresql-15 with its client). Takes about 14 minutes on 2 cores: the soak's
+500,000 requests are a third of it, section 9's million appointments a fifth, and --budget-seconds
+(840) cuts the soak short to keep the whole within it (see 6). --smoke takes about a minute and a
+half. The table ends with the run's wall time and each part's.
 
 What it runs, as a user would: a PostgreSQL cluster of its own (initdb in a temporary directory,
 PostgreSQL's defaults, fsync on, but for the settings in BenchCluster.SETTINGS; all recorded in
@@ -43,10 +44,12 @@ Sections:
    rows stand next to the framework ceiling. An end has no such floor. No worker runs.
 3. Drain: the backlog of --backlog charges that the soak (6) made through the real end path with
    no worker running, copied per run (CREATE DATABASE ... TEMPLATE): `billing_worker.py --once`,
-   then two `--once` started together; charges/s net of start-up (the median wall time of three
-   runs of as many `--once` on an empty queue; a drain under a second, as in a smoke run, is timed
-   by the workers' batch log lines instead). The ceiling: DRAIN_SQL on another copy, in one
-   transaction. Afterwards every charge must have exactly one entry (tests/support.py ledger()).
+   then two, then four `--once` started together (DRAIN_WORKERS); charges/s net of start-up (the
+   median wall time of three runs of as many `--once` on an empty queue; a drain under a second,
+   as in a smoke run, is timed by the workers' batch log lines instead), and the CPU per charge of
+   the workers (wait4) and of the PostgreSQL server (cluster_cpu), net of the same runs' median.
+   The ceiling: DRAIN_SQL on another copy, in one transaction. Afterwards every charge must have
+   exactly one entry (tests/support.py ledger()).
 4. End to charge: ends at each --e2c-rates (open loop from wrk, bench_paced_end.lua) for
    --e2c-seconds, the worker running with its defaults; from each end's HTTP answer to its
    billing entry being visible to another session (LedgerWatch): with NOTIFY, then with polling
@@ -88,12 +91,25 @@ Sections:
    directory deleted under that load and the latest point restored: the backup's time and size,
    the RTO (restore, WAL replay and promotion, the first acknowledged end) and the RPO (how old
    the oldest acknowledged end that was lost), and the ledger against what the clients were told.
+10. One and two API processes behind the edge: section 2's starts and ends at each
+   --scale-connections, through the edge in front of one fresh API process, then in front of it
+   and another (TwoProcessEdge), on a database of their own: req/s (the two against the one, the
+   one against section 2's straight at a process), p50/p99/max, errors, and the CPU per request of
+   the API processes (each), the edge and the PostgreSQL server. Runs after 4, before the soak.
+11. Listings: --listing-rows appointments of tests/support.py's listing data set (the one
+   tests/test_listings.py asserts the plans on) in a database of its own; page 1 against a deep
+   page (500, rows 49,901-50,000; fewer when the busy physician has fewer) of GET /appointments,
+   of one busy physician's, of GET /billing-entries and of the change feed (as many pages in):
+   the median of --listing-repeats requests through the services' own apps in this process
+   (falcon.testing, real pools as the services' roles), the deep page by its cursor; the same page
+   by OFFSET in SQL for contrast; the shared buffers each page's SQL touches.
 
 Prints one table (value, ceiling, ratio, target, PASS or MISS) and writes it with
 every raw figure and the machine's facts to bench/results/bench-<UTC yyyymmdd-hhmmss>.json (a
 smoke run: to the temporary directory), or --out. Every process it starts is stopped on exit, an
 error, Ctrl-C or SIGTERM, and should this script be killed outright (SIGKILL) the kernel still
-stops them (setpriv --pdeathsig; the cluster's postmaster gets SIGQUIT); the cluster's files go.
+stops them (setpriv --pdeathsig; the cluster's postmaster gets SIGQUIT), but for wrk's timed runs,
+which end within their seconds by themselves; the cluster's files go.
 """
 
 from __future__ import annotations
@@ -112,43 +128,45 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
+import falcon.testing
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
+
+import appointments
+import billing_worker
+import config
+import ledger
+import paging
+import web
+from db import apply_schema, make_pool
+from restore_drill import Drill, archive_timeout, lose_the_volume_under_load, start_archiving
+from support import (
+    LISTINGS_OPEN, OVERLOAD_LUA, SERVICE_VARS, Edge, Load, Probes, TempCluster, as_role, children, create_database, drop_database,
+    expected_price, free_port, freeze, ledger as ledger_counts, load_listings, make_backlog, run_wrk, thaw,
+)
+from telemetry import setup_logging
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(BENCH))  # capacity.py, when this file is imported rather than run (tests/test_bench.py)
-
-import appointments  # noqa: E402
-import billing_worker  # noqa: E402
-import capacity  # noqa: E402
-import config  # noqa: E402
-import web  # noqa: E402
-from capacity import WRK_THREADS, Processes, fmt_table, free_port, process_cpu, run_wrk, say, tail, wait_http, write_open_appointments  # noqa: E402
-from db import apply_schema  # noqa: E402
-from restore_drill import Drill, archive_timeout, lose_the_volume_under_load, start_archiving  # noqa: E402
-from support import (  # noqa: E402
-    OVERLOAD_LUA, SERVICE_VARS, Edge, Load, Probes, TempCluster, as_role, children, create_database, drop_database,
-    expected_price, freeze, ledger, make_backlog, thaw,
-)
-
 CEILING_APP = BENCH / "ceiling_app.py"
-START_LUA = BENCH / "capacity_start.lua"  # POST /appointments; wrk adds the -H Authorization to it
+START_LUA = BENCH / "bench_start.lua"  # POST /appointments; wrk adds the -H Authorization to it
 END_LUA = BENCH / "bench_end.lua"
 PACED_END_LUA = BENCH / "bench_paced_end.lua"
 SOAK_LUA = BENCH / "bench_soak.lua"
 TIMED_START_LUA = BENCH / "bench_timed_start.lua"
 
+WRK_THREADS = 2  # every wrk run's; the scripts that share out an id file are told it too
 WARMUP_SECONDS = 1
 # More connections than in-flight ends at 500/s (a few ms each), so that a send seldom waits for
 # a free one (bench_paced_end.lua); the slip is measured anyway.
@@ -159,12 +177,13 @@ SOAK_CONNECTIONS = 16
 SOAK_ENDS_SHARE = 0.9
 # What sections 3, 5, 7 and 8 take after the soak: a fixed part (7 and 8 are most of it), and so
 # much per 100,000 charges of backlog: the soak's fast part stops where the run would otherwise end later
-# than --budget-seconds.
-RESERVE_AFTER_SOAK_SECONDS = (85, 50)  # (fixed, per 100,000 charges)
+# than --budget-seconds. (10 and 11 run before the soak: its deadline counts them by itself.)
+RESERVE_AFTER_SOAK_SECONDS = (90, 55)  # (fixed, per 100,000 charges)
 # And section 9: a fixed part (the drill's load, restore and checks) and so much per 100,000
 # appointments of --backup-appointments (making them, the backup, the restore: 175 s for 1,000,000).
 RESERVE_BACKUPS_SECONDS = (25, 16)
 INTERFERENCE_CONNECTIONS = 16
+DRAIN_WORKERS = (1, 2, 4)  # 4: more workers than cores
 STARTUP_RUNS = 3  # `--once` on an empty queue, for the worker's start-up (their median)
 MIN_NET_DRAIN_SECONDS = 1.0  # below it, a drain's rate comes from the batch log lines (drains())
 # Variables the services read that the caller's shell must not hand them: tests/support.py's list
@@ -244,7 +263,26 @@ SELECT name, current_setting(name), source FROM pg_settings
 WHERE source NOT IN ('default', 'override') OR name = ANY(%(names)s)
 ORDER BY name
 """
-KEY_SETTINGS = list(capacity.PG_SETTINGS)
+KEY_SETTINGS = [
+    "shared_buffers", "max_connections", "synchronous_commit", "fsync", "wal_sync_method", "commit_delay",
+    "wal_level", "max_wal_size", "checkpoint_timeout", "autovacuum", "jit", "work_mem",
+]
+
+# Open appointments for the end cells (ended by wrk with end_date 15:00: price 400.00).
+MAKE_OPEN = """
+INSERT INTO appointments (id, physician_id, patient_id, start_date, hourly_rate)
+SELECT gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), timestamptz '2020-12-01 13:00:00+00', 200.00
+FROM generate_series(1, %(n)s)
+RETURNING id
+"""
+
+# pgbench's open appointments: client c's i-th end is appointment md5('pgbench-<run>-<c>-<i>').
+MAKE_PGBENCH_OPEN = """
+INSERT INTO appointments (id, physician_id, patient_id, start_date, hourly_rate)
+SELECT md5('pgbench-' || %(run)s || '-' || c || '-' || i)::uuid, gen_random_uuid(), gen_random_uuid(),
+       timestamptz '2020-12-01 13:00:00+00', 200.00
+FROM generate_series(0, %(clients)s - 1) c, generate_series(1, %(per_client)s) i
+"""
 
 # Section 6's floor: Python with Falcon and waitress imported and a waitress server made with the
 # API's thread count (argv[1]), nothing else: the least any Falcon-on-waitress service holds. (The
@@ -281,7 +319,7 @@ PGBENCH_SCRIPTS = {
     ],
 }
 # pgbench's values for the statements' parameters. An end's appointment is client c's i-th, made
-# open beforehand by capacity.MAKE_PGBENCH_OPEN; :i counts each client's ends.
+# open beforehand by MAKE_PGBENCH_OPEN; :i counts each client's ends.
 PGBENCH_APPOINTMENT = "md5('pgbench-' || :run || '-' || :client_id || '-' || :i)::uuid"
 PGBENCH_VALUES = {
     "start": {
@@ -342,6 +380,87 @@ def pgbench_script(kind: str) -> tuple[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Processes
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+class Processes:
+    """Every process the run starts; stop_all() stops those still running, whatever happened."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self._running: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, stdout_path: Path | None = None) -> subprocess.Popen:
+        log_path = stdout_path or self.log_dir / f"{name}.log"
+        with open(log_path, "wb") as log:
+            # setpriv --pdeathsig: the kernel sends SIGTERM should this script die without its
+            # clean-up (SIGKILL), so nothing is left behind in any case.
+            process = subprocess.Popen(
+                ["setpriv", "--pdeathsig", "TERM", "--", *argv], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        process.log_path = log_path  # type: ignore[attr-defined]
+        self._running.append((name, process))
+        return process
+
+    def stop(self, process: subprocess.Popen, timeout: float = 10) -> int:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+        self._running = [(n, p) for n, p in self._running if p is not process]
+        return process.returncode
+
+    def stop_all(self) -> None:
+        for _, process in reversed(self._running):
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + 10
+        for name, process in reversed(self._running):
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                say(f"  {name} did not stop on SIGTERM: SIGKILL")
+                process.kill()
+                process.wait(timeout=5)
+        self._running = []
+
+
+def wait_http(url: str, process: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise BenchError(f"{url}: the process exited with {process.returncode}:\n{tail(process.log_path)}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise BenchError(f"{url} did not answer 200 within {timeout} s:\n{tail(process.log_path)}")
+        time.sleep(0.1)
+
+
+def write_open_appointments(conn: psycopg.Connection, n: int, path: Path) -> None:
+    ids = conn.execute(MAKE_OPEN, {"n": n}).fetchall()
+    path.write_text("".join(f"{i}\n" for (i,) in ids))
+
+
+# ---------------------------------------------------------------------------------------------
 # The cluster
 
 
@@ -376,6 +495,31 @@ class BenchCluster(TempCluster):
 
 # ---------------------------------------------------------------------------------------------
 # Readings
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int, reaped_children: bool = False) -> float | None:
+    """utime + stime of a process (all its threads) in seconds, and with reaped_children the
+    cutime + cstime of the children it has waited for; None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is field 3 (state) of proc(5)
+    return sum(int(f) for f in fields[11:15 if reaped_children else 13]) / CLK_TCK
+
+
+def cluster_cpu(cluster: TempCluster) -> float:
+    """CPU seconds of the whole PostgreSQL server: the postmaster, the processes it runs now and
+    those it has reaped (the backends of connections closed meanwhile, a --once worker's)."""
+    postmaster = cluster.postmaster_pid()
+    running = sum(process_cpu(pid) or 0.0 for pid in children(postmaster))
+    return running + (process_cpu(postmaster, reaped_children=True) or 0.0)
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 def proc_status_kb(pid: int, field: str) -> int | None:
@@ -501,19 +645,19 @@ class Run:
         self.processes.stop(process)
         self.memory.append({"process": name, "kind": kind, "peak_rss_kb": peak})
 
-    def reap(self, process: subprocess.Popen, timeout: float) -> tuple[float, int | None]:
+    def reap(self, process: subprocess.Popen, timeout: float) -> tuple[float, int | None, float]:
         """Waits for a short-lived process: (its exit's time.monotonic() within 2 ms, its peak RSS
-        in kB as last read). VmHWM is read every 2 ms while it runs: wait4's ru_maxrss would be
-        simpler, but Linux counts in it the pages of the parent that forked the child. Popen gets
-        the exit code."""
+        in kB as last read, its CPU seconds from wait4). VmHWM is read every 2 ms while it runs:
+        wait4's ru_maxrss would be simpler, but Linux counts in it the pages of the parent that
+        forked the child. Popen gets the exit code."""
         deadline = time.monotonic() + timeout
         peak = None
         while True:
             peak = proc_status_kb(process.pid, "VmHWM") or peak
-            pid, status = os.waitpid(process.pid, os.WNOHANG)
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 process.returncode = os.waitstatus_to_exitcode(status)
-                return time.monotonic(), peak
+                return time.monotonic(), peak, usage.ru_utime + usage.ru_stime
             if time.monotonic() > deadline:
                 raise BenchError(f"{process.args[-1]} did not exit within {timeout} s:\n{tail(process.log_path)}")
             time.sleep(0.002)
@@ -546,7 +690,7 @@ class Run:
         finally:
             self.processes.stop(process)
         text = process.log_path.read_text(errors="replace")
-        found = re.search(r"^CAPACITY (\{.*\})$", text, re.M)
+        found = re.search(r"^RESULT (\{.*\})$", text, re.M)
         if process.returncode != 0 or not found:
             raise BenchError(f"wrk failed ({process.returncode}): {text}")
         return json.loads(found.group(1))
@@ -556,25 +700,32 @@ class Run:
 # 1 and 2: the framework ceiling, the API, pgbench
 
 
-def http_cell(run: Run, script: Path, url: str, connections: int, warm_args: list[str] = (), args: list[str] = ()) -> dict:
-    """A warm-up, then the measured wrk run (capacity.run_wrk: -t2, --timeout 10s)."""
-    work_dir, seconds = run.work_dir, run.args.seconds
+def http_cell(run: Run, script: Path, url: str, connections: int, warm_args: list[str] = (), args: list[str] = (),
+              meter=None) -> dict:
+    """A warm-up, then the measured wrk run (support.run_wrk: -t2, --timeout 10s). ``meter``, when
+    given, returns CPU seconds by part ({name: seconds}); what each part spent in the measured run
+    goes into the cell's cpu_seconds."""
     if run.args.warmup:
-        run_wrk(run.processes, work_dir, script, url, connections, run.args.warmup, [*run.auth, "--", *warm_args])
-    wrk = run_wrk(run.processes, work_dir, script, url, connections, seconds, [*run.auth, "--", *args])
-    return {"connections": connections, **wrk_figures(wrk)}
+        run_wrk(url, connections, run.args.warmup, script, WRK_THREADS, [*run.auth, "--", *warm_args])
+    before = meter() if meter else {}
+    wrk = run_wrk(url, connections, run.args.seconds, script, WRK_THREADS, [*run.auth, "--", *args])
+    cell = {"connections": connections, **wrk_figures(wrk)}
+    if meter:
+        cell["cpu_seconds"] = {part: round(seconds - before[part], 3) for part, seconds in meter().items()}
+    return cell
 
 
-def end_cell(run: Run, api: str, connections: int, expected_rps: float) -> dict:
-    """Ends of appointments started in SQL, each once: files longer than the run can use."""
-    conn, work_dir = run.conn, run.work_dir
+def end_cell(run: Run, api: str, connections: int, expected_rps: float, meter=None, conn: psycopg.Connection | None = None) -> dict:
+    """Ends of appointments started in SQL (on `conn`, the API's database: run.conn's by default),
+    each once: files longer than the run can use."""
+    conn, work_dir = conn or run.conn, run.work_dir
     warm_ids, ids = work_dir / "warm-ids.txt", work_dir / "ids.txt"
     per_second = max(1000.0, 1.5 * expected_rps)
     write_open_appointments(conn, math.ceil(per_second * run.args.warmup) + 100, warm_ids)
     n = math.ceil(per_second * run.args.seconds) + 100
     write_open_appointments(conn, n, ids)
     queued_before = conn.execute("SELECT count(*) FROM billing_queue").fetchone()[0]
-    cell = http_cell(run, END_LUA, api, connections, [str(warm_ids), str(WRK_THREADS)], [str(ids), str(WRK_THREADS)])
+    cell = http_cell(run, END_LUA, api, connections, [str(warm_ids), str(WRK_THREADS)], [str(ids), str(WRK_THREADS)], meter)
     # Every end queues one charge: a check that the ends happened (the warm-up's included).
     cell["charges_queued_with_warmup"] = conn.execute("SELECT count(*) FROM billing_queue").fetchone()[0] - queued_before
     cell["repeats"] = max(0, cell["wrk"]["ids_used"] - n)
@@ -589,7 +740,7 @@ def pgbench_cell(run: Run, kind: str, clients: int, number: int, expected_tps: f
     per_client = 0
     if kind == "end":  # open appointments enough for the fastest client, each ended once
         per_client = math.ceil(1.5 * max(expected_tps, 1000) * seconds / clients) + 100
-        conn.execute(capacity.MAKE_PGBENCH_OPEN, {"run": number, "clients": clients, "per_client": per_client})
+        conn.execute(MAKE_PGBENCH_OPEN, {"run": number, "clients": clients, "per_client": per_client})
     script = work_dir / f"pgbench-{kind}.sql"
     script.write_text(run.pgbench_scripts[kind])
     prefix = work_dir / f"pgbench-{number}"
@@ -982,22 +1133,24 @@ def soak(run: Run, report: dict) -> int:
 
 def ledger_check(url: str, charges: int) -> dict:
     with psycopg.connect(url, autocommit=True) as conn:
-        found = ledger(conn)
+        found = ledger_counts(conn)
     ok = (found["entries"] == found["ended"] and found["pending"] == 0 and found["failed"] == 0
           and found["not_billed_once"] == 0 and found["status_mismatch"] == 0 and found["wrong_total"] == 0)
     return {"charges": charges, **found, "billed_once": found["ended"] - found["not_billed_once"], "ok": ok}
 
 
 def once_workers(run: Run, dbname: str, count: int, tag: str) -> dict:
-    """`count` `billing_worker.py --once` started together; wall time until the last exits."""
-    t0 = time.monotonic()
+    """`count` `billing_worker.py --once` started together; wall time until the last exits, and
+    the CPU they and the PostgreSQL server spent meanwhile."""
+    t0, server_cpu = time.monotonic(), cluster_cpu(run.cluster)
     started = [run.start_worker(f"once-{tag}-{k + 1}", dbname, "--once")[0] for k in range(count)]
-    exits, summaries, batches = [], [], []
+    exits, summaries, batches, cpu = [], [], [], 0.0
     for k, process in enumerate(started):
-        ended, peak = run.reap(process, timeout=600)
+        ended, peak, process_cpu_seconds = run.reap(process, timeout=600)
         run.processes.stop(process)
         run.memory.append({"process": f"once-{tag}-{k + 1}", "kind": "worker", "peak_rss_kb": peak})
         exits.append(ended)
+        cpu += process_cpu_seconds
         text = process.log_path.read_text(errors="replace")
         if process.returncode != 0:
             raise BenchError(f"billing_worker.py --once exited with {process.returncode}:\n{text[-3000:]}")
@@ -1011,7 +1164,8 @@ def once_workers(run: Run, dbname: str, count: int, tag: str) -> dict:
             elif isinstance(record, dict) and record.get("event") == "batch" and record.get("rows"):
                 batches.append(record)
     return {"wall_seconds": max(exits) - t0, "billed": sum(s["billed"] for s in summaries), "summaries": summaries,
-            "log_drain_seconds": batch_span(batches)}
+            "log_drain_seconds": batch_span(batches), "cpu_seconds": {"workers": round(cpu, 3),
+                                                                       "postgresql": round(cluster_cpu(run.cluster) - server_cpu, 3)}}
 
 
 def batch_span(batches: list[dict]) -> float | None:
@@ -1027,13 +1181,17 @@ def batch_span(batches: list[dict]) -> float | None:
 
 def drains(run: Run, report: dict, charges: int) -> None:
     startup, cells = {}, {}
-    for workers in (1, 2):
+    for workers in DRAIN_WORKERS:
         # Two processes starting together take longer than one (2 cores, both importing): each
-        # drain is net of the start-up of as many processes, measured alike.
-        runs = [once_workers(run, "bench", workers, f"empty{workers}-{k + 1}")["wall_seconds"] for k in range(STARTUP_RUNS)]
-        startup[workers] = {"median_seconds": round(statistics.median(runs), 3), "runs_seconds": [round(r, 3) for r in runs]}
+        # drain is net of the start-up of as many processes, measured alike; so is its CPU.
+        runs = [once_workers(run, "bench", workers, f"empty{workers}-{k + 1}") for k in range(STARTUP_RUNS)]
+        startup[workers] = {
+            "median_seconds": round(statistics.median(r["wall_seconds"] for r in runs), 3),
+            "runs_seconds": [round(r["wall_seconds"], 3) for r in runs],
+            "median_cpu_seconds": {part: round(statistics.median(r["cpu_seconds"][part] for r in runs), 3) for part in ("workers", "postgresql")},
+        }
         say(f"  start-up of {workers} x --once on an empty queue: {startup[workers]['median_seconds']:.2f} s (median of {STARTUP_RUNS})")
-    for workers in (1, 2):
+    for workers in DRAIN_WORKERS:
         name = f"drain_{workers}"
         url = run.create_database(name, template="backlog")
         say(f"  {charges:,} charges, {workers} x billing_worker.py --once")
@@ -1047,28 +1205,36 @@ def drains(run: Run, report: dict, charges: int) -> None:
             rate, method = (round(charges / net, 1) if net > 0 else None), "wall time net of start-up"
         else:
             rate, method = by_log, "batch log lines"
+        net_cpu = {part: once["cpu_seconds"][part] - startup[workers]["median_cpu_seconds"][part] for part in ("workers", "postgresql")}
         cells[workers] = {
             "workers": workers, "charges": charges, **once, "net_seconds": round(net, 3),
             "charges_per_second": rate, "charges_per_second_method": method, "charges_per_second_by_log": by_log,
+            "cpu_us_per_charge": {part: round(1e6 * seconds / charges, 1) for part, seconds in net_cpu.items()},
             "ledger": ledger_check(url, charges),
         }
-        say(f"    {once['wall_seconds']:.2f} s in all, {fmt(rate)} charges/s by {method} ({fmt(by_log)} by the batch log lines)")
+        say(f"    {once['wall_seconds']:.2f} s in all, {fmt(rate)} charges/s by {method} ({fmt(by_log)} by the batch log lines); "
+            f"CPU per charge, net of start-up: workers {cells[workers]['cpu_us_per_charge']['workers']} µs, "
+            f"PostgreSQL {cells[workers]['cpu_us_per_charge']['postgresql']} µs")
         run.drop_database(name)
     url = run.create_database("drain_sql", template="backlog")
     say(f"  ceiling: plain SQL on {charges:,} charges in one transaction")
     with psycopg.connect(run.url("drain_sql", ROLES["worker"]), autocommit=True) as conn:
-        t0 = time.monotonic()
+        t0, server_cpu = time.monotonic(), cluster_cpu(run.cluster)
         with conn.transaction():
             for statement in DRAIN_SQL:
                 conn.execute(statement)
-        seconds = time.monotonic() - t0
+        seconds, server_cpu = time.monotonic() - t0, cluster_cpu(run.cluster) - server_cpu
     sql_cell = {"charges": charges, "seconds": round(seconds, 3), "charges_per_second": round(charges / seconds, 1),
+                "cpu_us_per_charge": {"postgresql": round(1e6 * server_cpu / charges, 1)},
                 "statements": [" ".join(s.split()) for s in DRAIN_SQL], "ledger": ledger_check(url, charges)}
     say(f"    {seconds:.2f} s, {sql_cell['charges_per_second']:,.0f} charges/s")
     run.drop_database("drain_sql")
     report["sections"]["3_drain"] = {
         "backlog": charges, "startup": startup,
-        "one_worker": cells[1], "two_workers": cells[2], "two_workers_how": "two `billing_worker.py --once` processes started together",
+        "one_worker": cells[1], "two_workers": cells[2], "four_workers": cells[4],
+        "two_workers_how": "two (four) `billing_worker.py --once` processes started together",
+        "cpu_how": "workers: their own CPU (wait4), PostgreSQL: the whole server's (its processes and those it reaped); "
+                   "each net of the median of the start-up runs",
         "sql_ceiling": sql_cell,
     }
 
@@ -1229,7 +1395,16 @@ def table_rows(report: dict) -> list[Row]:
                     "1 worker", one["charges_per_second"], fmt(one["charges_per_second"]), "plain SQL", sql_rate, f"{sql_rate:,.0f}",
                     f">= {TARGET_TWO_VS_ONE}x 1 worker",
                     None if None in (one["charges_per_second"], two["charges_per_second"]) else two["charges_per_second"] >= TARGET_TWO_VS_ONE * one["charges_per_second"]))
-    for label, check in (("1 worker", one["ledger"]), ("2 workers", two["ledger"]), ("plain SQL", d["sql_ceiling"]["ledger"])):
+    four = d["four_workers"]
+    rows.append(Row(3, f"drain {d['backlog']:,}, 4 workers charges/s", four["charges_per_second"], fmt(four["charges_per_second"]),
+                    "2 workers", two["charges_per_second"], fmt(two["charges_per_second"]), "plain SQL", sql_rate, f"{sql_rate:,.0f}"))
+    cpu = [cell["cpu_us_per_charge"] for cell in (one, two, four)]
+    sql_cpu = d["sql_ceiling"]["cpu_us_per_charge"]["postgresql"]
+    rows.append(Row(3, "CPU per charge µs, 1 / 2 / 4 workers: PostgreSQL (the workers')", cpu[0]["postgresql"],
+                    " / ".join(f"{c['postgresql']:.0f}" for c in cpu) + " (" + " / ".join(f"{c['workers']:.1f}" for c in cpu) + ")",
+                    "plain SQL", sql_cpu, f"{sql_cpu:.0f}"))
+    for label, check in (("1 worker", one["ledger"]), ("2 workers", two["ledger"]), ("4 workers", four["ledger"]),
+                         ("plain SQL", d["sql_ceiling"]["ledger"])):
         rows.append(Row(3, f"ledger after {label}: charges billed once", check["billed_once"], f"{check['billed_once']:,}",
                         "charges", check["charges"], f"{check['charges']:,}", target="all, once", ok=check["ok"]))
     e = s["4_end_to_charge"]
@@ -1321,6 +1496,30 @@ def table_rows(report: dict) -> list[Row]:
     wrong = b["lost_older_than_rpo"] + b["wrong_total"] + b["unexpected"] + b["feed_repeated"] + b["feed_missed"] + (b["reconcile_exit"] != 0)
     rows.append(Row(9, "restored: lost older than the RPO, wrong, unexpected, feed repeated or missed, reconcile", wrong, str(wrong),
                     target="0", ok=wrong == 0))
+    sc = s["10_scale_out"]
+    cells = {(c["api_processes"], c["kind"], c["connections"]): c for c in sc["cells"]}
+    for kind, label in (("start", "POST /appointments"), ("end", "POST /appointments/{id}/end")):
+        straight = {c["connections"]: c for c in s["2_api"][kind]}
+        for c in sc["connections"]:
+            one, two = cells[(1, kind, c)], cells[(2, kind, c)]
+            alone = straight.get(c)
+            rows.append(Row(10, f"{label} c={c} via the edge, 1 API process req/s", one["requests_per_second"], f"{one['requests_per_second']:,.0f}",
+                            *(("straight at it (2)", alone["requests_per_second"], f"{alone['requests_per_second']:,.0f}") if alone else ())))
+            rows.append(Row(10, f"{label} c={c} via the edge, 2 API processes req/s", two["requests_per_second"], f"{two['requests_per_second']:,.0f}",
+                            "1 API process", one["requests_per_second"], f"{one['requests_per_second']:,.0f}"))
+            rows.append(Row(10, f"{label} c={c} via the edge, 1 -> 2 processes: p50/p99/max ms; errors", two["p99_ms"],
+                            f"{lat(one)} -> {lat(two)}; {one['errors'] + two['errors']}", "1 API process", one["p99_ms"], lat(one)))
+            cpu1, cpu2 = one["cpu_us_per_request"], two["cpu_us_per_request"]
+            rows.append(Row(10, f"{label} c={c} CPU per request µs, API / edge / PostgreSQL, 1 -> 2 processes", cpu2["api"],
+                            f"{cpu1['api']:.0f}/{cpu1['edge']:.0f}/{cpu1['postgresql']:.0f} -> {cpu2['api']:.0f}/{cpu2['edge']:.0f}/{cpu2['postgresql']:.0f}",
+                            "1 API process", cpu1["api"], f"{cpu1['api']:.0f}"))
+    li = s["11_listings"]
+    for route in li["routes"]:
+        buffers = route["buffers"]
+        rows.append(Row(11, f"{route['route']}: page {li['deep_page']} ms (by OFFSET in SQL)", route["deep_page_ms"],
+                        f"{route['deep_page_ms']:.2f} ({route['offset_ms']:.1f})", "page 1", route["first_page_ms"], f"{route['first_page_ms']:.2f}"))
+        rows.append(Row(11, f"{route['route']}: shared buffers, page {li['deep_page']} (by OFFSET)", buffers["deep_page"],
+                        f"{buffers['deep_page']:,} ({buffers['offset']:,})", "page 1", buffers["first_page"], f"{buffers['first_page']:,}"))
     return rows
 
 
@@ -1356,10 +1555,10 @@ def edge_cpu(edge: Edge) -> float:
 
 
 def overload_cell(run: Run, url: str, connections: int, warmup: bool = True) -> dict:
-    """A warm-up, then the measured run of bench_overload.lua (capacity.run_wrk: -t2, --timeout 10s)."""
+    """A warm-up, then the measured run of bench_overload.lua (support.run_wrk: -t2, --timeout 10s)."""
     if warmup and run.args.warmup:
-        run_wrk(run.processes, run.work_dir, OVERLOAD_LUA, url, connections, run.args.warmup, run.auth)
-    wrk = run_wrk(run.processes, run.work_dir, OVERLOAD_LUA, url, connections, run.args.seconds, run.auth)
+        run_wrk(url, connections, run.args.warmup, OVERLOAD_LUA, WRK_THREADS, run.auth)
+    wrk = run_wrk(url, connections, run.args.seconds, OVERLOAD_LUA, WRK_THREADS, run.auth)
     seconds = wrk["duration_us"] / 1e6
     return {
         "connections": connections,
@@ -1393,7 +1592,7 @@ def overload(run: Run, report: dict) -> None:
                 try:
                     for connections in run.args.overload_connections:
                         if run.args.warmup:
-                            run_wrk(run.processes, run.work_dir, OVERLOAD_LUA, url + "/appointments", connections, run.args.warmup, run.auth)
+                            run_wrk(url + "/appointments", connections, run.args.warmup, OVERLOAD_LUA, WRK_THREADS, run.auth)
                         cpu = {"api": process_cpu(api.pid), "edge": edge_cpu(edge) if edge is not None else None}
                         cell = overload_cell(run, url + "/appointments", connections, warmup=False)
                         if connections == 16:  # what each spends per request at the base load
@@ -1439,7 +1638,7 @@ def hung_database(run: Run, report: dict) -> None:
         with psycopg.connect(run.url("hung"), autocommit=True) as conn:
             wait_drained(conn, 60, "the hung section's charges")
             billed = {r[0]: r[1] for r in conn.execute("SELECT appointment_id::text, total_price FROM billing_entries")}
-            count = ledger(conn)
+            count = ledger_counts(conn)
     finally:
         run.retire("worker-hung", "worker-hung", worker)
         run.retire("api-hung", "api-hung", api)
@@ -1535,6 +1734,309 @@ def backups(run: Run, report: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# 10: one and two API processes behind the edge
+
+
+class TwoProcessEdge(Edge):
+    """support.Edge with two server slots (CLINIC_API_SLOTS=2), one for each of two API processes.
+    deploy/haproxy/haproxy.cfg gives every slot the one address of CLINIC_API_SERVERS (compose's is
+    a name that Docker's DNS resolves to each replica); on one machine the processes differ by port,
+    so the second slot is moved to the second process through the edge's runtime API, as an
+    operator would ("set server")."""
+
+    def __init__(self, first: str, second: str, log_dir: Path):
+        super().__init__(first, log_dir, CLINIC_API_SLOTS="2")
+        self.second = second.removeprefix("http://")
+
+    def _serving(self) -> bool:  # both slots up (on the first process until __enter__ moves one)
+        if self.popen.poll() is not None:
+            raise BenchError(f"haproxy exited with {self.popen.returncode}: {tail(self.log_path)}")
+        try:
+            return 'haproxy_backend_active_servers{proxy="api"} 2' in self.metrics()
+        except OSError:  # requests' errors are OSErrors
+            return False
+
+    def __enter__(self) -> TwoProcessEdge:
+        super().__enter__()
+        try:
+            host, port = self.second.rsplit(":", 1)
+            self.admin(f"set server api/api2 addr {host} port {port}")
+            deadline = time.monotonic() + 20
+            while (state := self.server_state("api2")) != (self.second, "UP"):
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the edge's api2 is {state}, not ({self.second!r}, 'UP'), 20 s after set server:\n{tail(self.log_path)}")
+                time.sleep(0.1)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def admin(self, command: str) -> str:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(self.env["CLINIC_EDGE_ADMIN_SOCKET"])
+            s.sendall(command.encode() + b"\n")
+            return s.makefile(errors="replace").read()
+
+    def server_state(self, server: str) -> tuple[str, str] | None:
+        """(address, status) of one of the api backend's servers, from "show stat"."""
+        lines = self.admin("show stat").splitlines()
+        header = lines[0].lstrip("# ").split(",") if lines else []
+        for line in lines[1:]:
+            row = dict(zip(header, line.split(",")))
+            if row.get("pxname") == "api" and row.get("svname") == server:
+                return row.get("addr"), row.get("status")
+        return None
+
+
+def cpu_per_request(cell: dict) -> dict:
+    """µs of CPU per measured request: the API processes together and each, the edge, the server."""
+    cpu, n = cell["cpu_seconds"], max(cell["requests"], 1)
+    each = [seconds for part, seconds in sorted(cpu.items()) if part.startswith("api_")]
+    return {"api": round(1e6 * sum(each) / n, 1), "each_api_process": [round(1e6 * s / n, 1) for s in each],
+            "edge": round(1e6 * cpu["edge"] / n, 1), "postgresql": round(1e6 * cpu["postgresql"] / n, 1)}
+
+
+def scale_out(run: Run, report: dict) -> None:
+    """Section 10: POST /appointments and POST /appointments/{id}/end through the edge in front of
+    one API process, then of two (the first and another, both fresh, on a database of their own),
+    at each --scale-connections: what section 2 measures, and the CPU the API processes, the edge
+    and the PostgreSQL server each spend per request."""
+    name = "scale_out"
+    url = run.create_database(name)
+    apis = [run.start_api(f"api-scale-{k}", name) for k in (1, 2)]
+    cells = []
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            for count in (1, 2):
+                bases = [base for _, base in apis[:count]]
+                with (Edge(bases[0], run.work_dir) if count == 1 else TwoProcessEdge(*bases, run.work_dir)) as edge:
+                    def meter(edge=edge, serving=apis[:count]) -> dict:
+                        return {**{f"api_{k}": process_cpu(p.pid) for k, (p, _) in enumerate(serving, 1)},
+                                "edge": edge_cpu(edge), "postgresql": cluster_cpu(run.cluster)}
+
+                    for connections in run.args.scale_connections:
+                        start = http_cell(run, START_LUA, edge.url + "/appointments", connections, meter=meter)
+                        end = end_cell(run, edge.url, connections, start["requests_per_second"], meter=meter, conn=conn)
+                        for kind, cell in (("start", start), ("end", end)):
+                            cell.update(api_processes=count, kind=kind, cpu_us_per_request=cpu_per_request(cell))
+                            cells.append(cell)
+                            cpu = cell["cpu_us_per_request"]
+                            say(f"  {count} API process{'es' if count > 1 else ''}, {kind}, c={connections}: {cell['requests_per_second']:,.0f} req/s, "
+                                f"p99 {cell['p99_ms']:.1f} ms; CPU µs per request: API {cpu['api']:.0f} {cpu['each_api_process']}, "
+                                f"edge {cpu['edge']:.0f}, PostgreSQL {cpu['postgresql']:.0f}")
+    finally:
+        for k, (process, _) in enumerate(apis, 1):
+            run.retire(f"api-scale-{k}", "api-scale-out", process)  # not in section 6's peak: a figure of its own
+    run.drop_database(name)
+    report["sections"]["10_scale_out"] = {
+        "connections": run.args.scale_connections, "cells": cells,
+        "edge": "deploy/haproxy/haproxy.cfg (support.Edge); two processes: CLINIC_API_SLOTS=2, the second slot moved to the "
+                "second process's port through the runtime API (TwoProcessEdge)",
+        "cpu": "utime + stime from /proc over the measured run: each API process, HAProxy (master and worker), the PostgreSQL "
+               "server (every process, and the backends it reaped meanwhile)",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 11: listings, a first page against a deep one
+
+
+LISTINGS_PAGE = 100
+LISTINGS_DEEP_PAGE = 500  # the page measured against page 1, at most: rows 49,901-50,000
+
+# The row just before a deep page in each order, by OFFSET: its cursor is the one that page's Link carries.
+APPOINTMENTS_ORDER = "SELECT start_date, id FROM appointments WHERE {} ORDER BY start_date DESC, id DESC OFFSET %s LIMIT 1"
+ENTRIES_ORDER = "SELECT created_at, appointment_id FROM billing_entries ORDER BY created_at DESC, appointment_id DESC OFFSET %s LIMIT 1"
+FEED_ORDER = "SELECT txid::text AS txid, appointment_id FROM billing_entries ORDER BY txid, appointment_id OFFSET %s LIMIT 1"
+
+
+def listings_deep_page(rows: int) -> int:
+    """The deep page: LISTINGS_DEEP_PAGE, or fewer when the busy physician (a tenth of the rows)
+    has fewer pages."""
+    return min(LISTINGS_DEEP_PAGE, rows // 10 // LISTINGS_PAGE)
+
+
+def listings(run: Run, report: dict) -> None:
+    """Section 11: support.load_listings' data set, --listing-rows of it, in a database of its own;
+    then listings_pages()."""
+    rows = run.args.listing_rows
+    url = run.create_database("listings")
+    t0 = time.monotonic()
+    with psycopg.connect(url, autocommit=True) as conn:
+        # Loading only: no wait for the WAL flush at each of the ledger's commits.
+        conn.execute("SET synchronous_commit = off")
+        conn.execute("SET maintenance_work_mem = '256MB'")
+        load_listings(conn, rows)
+    load_seconds = time.monotonic() - t0
+    say(f"  {rows:,} appointments loaded in {load_seconds:.0f} s")
+    deep = listings_deep_page(rows)
+    routes = listings_pages(url, deep, run.args.listing_repeats)
+    run.drop_database("listings")
+    report["sections"]["11_listings"] = {
+        "rows": rows, "open": LISTINGS_OPEN, "load_seconds": round(load_seconds, 1), "page_size": LISTINGS_PAGE,
+        "deep_page": deep, "repeats": run.args.listing_repeats, "routes": routes,
+        "how": "each page asked in turn, after 6 untimed rounds, through the services' own apps (falcon.testing over "
+               "appointments.create_app and ledger.create_app, real pools as clinic_api and clinic_worker, request log lines "
+               "off): the median of the repeats; the deep page by the cursor its Link would carry; OFFSET: the same page by "
+               "OFFSET in SQL, EXPLAIN (ANALYZE, TIMING OFF), median of 3; buffers: shared buffers (hit + read) each page's SQL touches",
+    }
+
+
+def listings_pages(url: str, deep: int, repeats: int) -> list[dict]:
+    """Page 1 and page `deep` of each listing and of the change feed (`deep` pages in), through
+    the real code path; the same deep page by OFFSET in SQL, for contrast."""
+    skipped, feed_skipped = (deep - 1) * LISTINGS_PAGE, deep * LISTINGS_PAGE
+    observer = psycopg.connect(url, autocommit=True, row_factory=dict_row)
+    busy = observer.execute("SELECT md5('physician 0')::uuid AS u").fetchone()["u"]
+    busy_rows = observer.execute("SELECT count(*) AS n FROM appointments WHERE physician_id = %s", [busy]).fetchone()["n"]
+
+    def nth(query: str, *args):
+        row = observer.execute(query, [*args]).fetchone()
+        if row is None:
+            raise BenchError(f"too few rows for page {deep}: {query}")
+        return row
+
+    last_before = nth(APPOINTMENTS_ORDER.format("TRUE"), skipped - 1)
+    last_busy = nth(APPOINTMENTS_ORDER.format("physician_id = %s"), busy, skipped - 1)
+    last_entry = nth(ENTRIES_ORDER, skipped - 1)
+    last_fed = nth(FEED_ORDER, feed_skipped - 1)
+
+    def appointments_cursor(row) -> str:
+        return paging.list_cursor("appointments", paging.ListPosition(row["start_date"], row["id"]))
+
+    setup_logging("bench", "WARNING", "json")  # no JSON line per request on the harness's terminal
+    # The services' own roles and session settings, as their main() makes them.
+    api_config = config.Config(database_url=psycopg.conninfo.make_conninfo(url, user=ROLES["api"]))
+    worker_config = config.Config(database_url=psycopg.conninfo.make_conninfo(url, user=ROLES["worker"]))
+    api_pool = make_pool(api_config, "bench-appointments")
+    worker_pool = make_pool(worker_config, "bench-billing", max_size=4, **billing_worker.WORKER_SESSION)
+    results = []
+    with api_pool, worker_pool:
+        api_pool.wait(timeout=10)
+        worker_pool.wait(timeout=10)
+        api = falcon.testing.TestClient(appointments.create_app(api_config, api_pool))
+        billing = falcon.testing.TestClient(ledger.create_app(worker_config, worker_pool))
+        listing = {"physician_id": None, "patient_id": None, "before_at": None, "before_id": None, "limit": LISTINGS_PAGE + 1}
+        busy_listing = {**listing, "physician_id": busy}
+        entry = paging.ListPosition(last_entry["created_at"], last_entry["appointment_id"])
+        fed = {"txid": last_fed["txid"], "appointment_id": last_fed["appointment_id"]}
+        page = str(LISTINGS_PAGE)
+        # (route, client, path, page 1's query string, the deep page's, and the SQL of page 1,
+        # of the deep page by cursor and of the deep page by OFFSET)
+        routes = [
+            (
+                "GET /appointments",
+                api, "/appointments", {"limit": page}, {"limit": page, "before": appointments_cursor(last_before)},
+                (appointments.list_query([]), listing),
+                (appointments.list_query(["before"]), {**listing, "before_at": last_before["start_date"], "before_id": last_before["id"]}),
+                (with_offset(appointments.list_query([])), {**listing, "offset": skipped}),
+            ),
+            (
+                f"GET /appointments?physician_id= ({busy_rows:,} rows)",
+                api, "/appointments", {"physician_id": str(busy), "limit": page},
+                {"physician_id": str(busy), "limit": page, "before": appointments_cursor(last_busy)},
+                (appointments.list_query(["physician_id"]), busy_listing),
+                (appointments.list_query(["physician_id", "before"]), {**busy_listing, "before_at": last_busy["start_date"], "before_id": last_busy["id"]}),
+                (with_offset(appointments.list_query(["physician_id"])), {**busy_listing, "offset": skipped}),
+            ),
+            (
+                "GET /billing-entries",
+                billing, "/billing-entries", {"limit": page}, {"limit": page, "before": paging.list_cursor("entries", entry)},
+                (ledger.LIST_ENTRIES, {"limit": LISTINGS_PAGE + 1}),
+                (ledger.LIST_ENTRIES_BEFORE, {"limit": LISTINGS_PAGE + 1, "before_at": entry.at, "before_id": entry.id}),
+                (with_offset(ledger.LIST_ENTRIES), {"limit": LISTINGS_PAGE + 1, "offset": skipped}),
+            ),
+            (
+                f"GET /billing-entries/changes (after {feed_skipped:,})",
+                billing, "/billing-entries/changes", {"limit": page},
+                {"limit": page, "after": paging.feed_cursor(paging.FeedPosition(int(last_fed["txid"]), last_fed["appointment_id"]))},
+                (ledger.FEED_FROM_START, {"limit": LISTINGS_PAGE}),
+                (ledger.FEED_AFTER, {"limit": LISTINGS_PAGE, **fed}),
+                (with_offset(ledger.FEED_FROM_START), {"limit": LISTINGS_PAGE, "offset": feed_skipped}),
+            ),
+        ]
+        for label, client, path, first, deep_params, first_sql, deep_sql, offset_sql in routes:
+            say(f"  timing {label}")
+            # The deep page by cursor is the page OFFSET gives: the figures are of the right rows.
+            by_cursor = client.simulate_get(path, params=deep_params).json
+            by_cursor = by_cursor["entries"] if isinstance(by_cursor, dict) else by_cursor
+            key = "id" if path == "/appointments" else "appointment_id"
+            by_offset = observer.execute(*offset_sql).fetchall()[:LISTINGS_PAGE]
+            if [item[key] for item in by_cursor] != [str(row[key]) for row in by_offset]:
+                raise BenchError(f"{label}: page {deep} by its cursor is not the page OFFSET gives")
+            first_ms, deep_ms = median_ms(client, path, [first, deep_params], repeats)
+            _, _, first_buffers = explain_ms(observer, *first_sql)
+            _, _, deep_buffers = explain_ms(observer, *deep_sql)
+            offset_ms, offset_plan, offset_buffers = explain_ms(observer, *offset_sql)
+            results.append({"route": label, "first_page_ms": rounded(first_ms), "deep_page_ms": rounded(deep_ms), "offset_ms": rounded(offset_ms),
+                            "buffers": {"first_page": first_buffers, "deep_page": deep_buffers, "offset": offset_buffers},
+                            "offset_plan": offset_plan})
+    observer.close()
+    return results
+
+
+def median_ms(client: falcon.testing.TestClient, path: str, pages: list[dict[str, str]], repeats: int) -> list[float]:
+    """The median time of each page's `repeats` requests, asked in turn (page 1, the deep page,
+    page 1, ...) so that whatever else the machine does weighs on both alike; after a few untimed
+    rounds (which also let psycopg prepare the statements, as in a long-running service)."""
+    def get(params):
+        result = client.simulate_get(path, params=params)
+        if result.status_code != 200:
+            raise BenchError(f"GET {path} {params}: {result.status_code} {result.text}")
+        return result
+
+    for params in pages:
+        for _ in range(6):
+            body = get(params).json
+        items = body["entries"] if isinstance(body, dict) else body
+        if len(items) != LISTINGS_PAGE:
+            raise BenchError(f"GET {path} {params}: {len(items)} items, not {LISTINGS_PAGE}")
+    times: list[list[float]] = [[] for _ in pages]
+    for _ in range(repeats):
+        for params, taken in zip(pages, times):
+            started = time.perf_counter()
+            get(params)
+            taken.append((time.perf_counter() - started) * 1000)
+    return [statistics.median(taken) for taken in times]
+
+
+def explain_ms(conn: psycopg.Connection, query, args: dict) -> tuple[float, str, int]:
+    """Of three EXPLAIN (ANALYZE, TIMING OFF) runs (no per-node clock reads inflating the OFFSET's
+    tens of thousands of rows): the median execution time in ms, the plan's top nodes in short and
+    the shared buffers the last run read."""
+    query = sql.SQL(query) if isinstance(query, str) else query
+    runs = []
+    for _ in range(3):
+        plan = conn.execute(sql.SQL("EXPLAIN (ANALYZE, BUFFERS, TIMING OFF, FORMAT JSON) ") + query, args).fetchone()["QUERY PLAN"][0]
+        runs.append(plan["Execution Time"])
+    top = plan["Plan"]
+    return statistics.median(runs), plan_shape(top) + (", JIT" if "JIT" in plan else ""), top["Shared Hit Blocks"] + top["Shared Read Blocks"]
+
+
+def plan_shape(node: dict) -> str:
+    """A plan in a few words: its scans, joins and sorts, e.g. 'Sort(Hash Join (Left)(Seq Scan appointments, Seq Scan billing_queue))'."""
+    kids = [plan_shape(child) for child in node.get("Plans", [])]
+    name = node["Node Type"]
+    if name in ("Limit", "Gather", "Gather Merge", "Hash", "Materialize") and len(kids) == 1:
+        return kids[0]
+    if "Join Type" in node:
+        name = f"{name} ({node['Join Type']})"
+    if node.get("Parent Relationship") == "InitPlan":
+        return ""
+    if "Index Name" in node:
+        name = f"{name} {node['Index Name']}"
+    elif "Relation Name" in node:
+        name = f"{name} {node['Relation Name']}"
+    kids = [kid for kid in kids if kid]
+    return f"{name}({', '.join(kids)})" if kids else name
+
+
+def with_offset(query) -> sql.Composable:
+    query = sql.SQL(query) if isinstance(query, str) else query
+    return query + sql.SQL(" OFFSET %(offset)s")
+
+
+# ---------------------------------------------------------------------------------------------
 # Machine facts
 
 
@@ -1576,7 +2078,7 @@ def machine_facts(run: Run) -> dict:
         "pgbench": first_line(["pgbench", "--version"]),
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "load_average_at_start": capacity.loadavg(),
+        "load_average_at_start": loadavg(),
     }
 
 
@@ -1615,6 +2117,14 @@ def execute(run: Run, report: dict) -> None:
         say("4. end to charge")
         end_to_charge(run, report, base)
         run.retire("api", "api", api)
+
+    with run.timed("10. one and two API processes behind the edge"):
+        say("10. one and two API processes behind the edge")
+        scale_out(run, report)
+
+    with run.timed("11. listings"):
+        say(f"11. listings: {run.args.listing_rows:,} appointments, page 1 against page {listings_deep_page(run.args.listing_rows)}")
+        listings(run, report)
 
     with run.timed("6. soak (makes the backlog)"):
         say("6. soak (it makes the backlog of 3 and 5)")
@@ -1665,9 +2175,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backup-appointments", type=int, default=1_000_000,
                         help="ended and billed appointments in section 9's database (default 1,000,000)")
     parser.add_argument("--backup-load-seconds", type=float, default=4, help="section 9's load before and after its backup (default 4)")
+    parser.add_argument("--scale-connections", default="64", help="wrk connections of section 10, through the edge (default 64)")
+    parser.add_argument("--listing-rows", type=int, default=1_000_000, help="appointments of section 11's listings (default 1,000,000)")
+    parser.add_argument("--listing-repeats", type=int, default=100, help="timed requests of each page in section 11 (default 100)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes (1 s cells, 16 connections, backlog 2,000, soak 4,000, polling every 1 s, overload at 16 and 256, "
-                             "a 3 s freeze): the harness runs, its figures mean little")
+                             "a 3 s freeze, 2,000 appointments backed up, listings of 10,000): the harness runs, its figures mean little")
     parser.add_argument("--out", help="the JSON file (default bench/results/bench-<UTC yyyymmdd-hhmmss>.json)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (services' logs, wrk output)")
     parser.add_argument("--bare-worker", metavar="URL", help=argparse.SUPPRESS)  # section 4's ceiling, run by the harness
@@ -1678,13 +2191,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.soak_requests, args.soak_baseline = 4_000, 1_000
         args.overload_connections, args.freeze_seconds = "16,256", 3
         args.backup_appointments, args.backup_load_seconds = 2_000, 2
+        args.scale_connections, args.listing_rows, args.listing_repeats = "16", 10_000, 5
     args.connections = [int(x) for x in args.connections.split(",")]
+    args.scale_connections = [int(x) for x in args.scale_connections.split(",")]
     args.overload_connections = [int(x) for x in args.overload_connections.split(",")]
     if 16 not in args.overload_connections:
         parser.error("--overload-connections: 16 must be one of them (the ratios' base)")
     args.e2c_rates = [int(x) for x in args.e2c_rates.split(",")]
-    if any(c < WRK_THREADS for c in args.connections):
-        parser.error(f"--connections: at least {WRK_THREADS} (wrk's threads)")
+    if any(c < WRK_THREADS for c in args.connections + args.scale_connections):
+        parser.error(f"--connections, --scale-connections: at least {WRK_THREADS} (wrk's threads)")
+    if listings_deep_page(args.listing_rows) < 2:
+        parser.error(f"--listing-rows: at least {20 * LISTINGS_PAGE:,} (the busy physician's tenth must fill 2 pages)")
+    if args.listing_repeats < 1:
+        parser.error("--listing-repeats: at least 1")
     if args.soak_requests < args.backlog + args.soak_baseline:
         parser.error("--soak-requests must cover --backlog (the soak makes the backlog's ends) and --soak-baseline")
     if not args.bare_worker:
@@ -1693,6 +2212,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 parser.error(f"{tool} is not on the PATH (Debian: apt-get install wrk postgresql-client util-linux haproxy pgbackrest; "
                              "make bench installs wrk, haproxy and pgbackrest)")
     return args
+
+
+def fmt_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    line = "  ".join(["{:<%d}" % widths[0]] + ["{:>%d}" % w for w in widths[1:]])
+    return "\n".join([line.format(*header), line.format(*("-" * w for w in widths)), *(line.format(*row) for row in rows)])
 
 
 def print_table(report: dict, rows: list[Row], out: Path) -> None:
@@ -1772,7 +2297,7 @@ def main(argv: list[str] | None = None) -> int:
         report["section_seconds"] = {**run.section_seconds,
                                      "other (start-up, checks)": max(0.0, round(report["duration_seconds"] - sum(run.section_seconds.values()), 1))}
         report["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        report["load_average_at_end"] = capacity.loadavg()
+        report["load_average_at_end"] = loadavg()
         rows = table_rows(report)
         report["table"] = [row.as_dict() for row in rows]
         out.parent.mkdir(parents=True, exist_ok=True)

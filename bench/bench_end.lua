@@ -1,5 +1,5 @@
--- wrk script for bench/bench.py, section 2: POST /appointments/{id}/end, each id of a file once,
--- with the bearer token wrk was given (-H), and capacity_report.lua's result line at the end.
+-- wrk script for bench/bench.py, sections 2 and 10: POST /appointments/{id}/end, each id of a file once,
+-- with the bearer token wrk was given (-H), and bench_report.lua's result line at the end.
 --   wrk -t2 -c16 -d4s -s bench/bench_end.lua -H 'Authorization: Bearer ...' http://127.0.0.1:8080 -- ids.txt 2
 -- ids.txt holds one open appointment id per line (started in SQL); thread k of n (the second
 -- argument, the same as -t) ends lines k, k+n, k+2n ... A thread that runs out starts its share
@@ -36,4 +36,4 @@ function extra_report()
     return { ids_used = total }
 end
 
-dofile(bench.dir .. "capacity_report.lua")
+dofile(bench.dir .. "bench_report.lua")

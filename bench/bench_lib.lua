@@ -16,7 +16,7 @@
 --                           wrk's main thread sleeps for the whole -d whatever its threads do, so
 --                           bench.py sends wrk SIGINT once every thread has left its marker.
 --   bench.write_records()   in done(): every thread's `records` lines into the file `out`
---   bench.report_with_records()  at a script's end: capacity_report.lua's done(), then write_records()
+--   bench.report_with_records()  at a script's end: bench_report.lua's done(), then write_records()
 -- Globals a script sets in init() for these: `out` (the records file, also the markers' prefix)
 -- and `records` (a table of lines). `index` is the thread's number, set in setup().
 local ffi = require("ffi")
@@ -105,9 +105,9 @@ end
 
 bench.dir = debug.getinfo(1, "S").source:match("^@(.*/)") or ""
 
--- At the end of a script that keeps records: capacity_report.lua's result line, then the records.
+-- At the end of a script that keeps records: bench_report.lua's result line, then the records.
 function bench.report_with_records()
-    dofile(bench.dir .. "capacity_report.lua")
+    dofile(bench.dir .. "bench_report.lua")
     local report = done
     function done(summary, latency, requests)
         report(summary, latency, requests)

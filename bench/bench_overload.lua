@@ -2,7 +2,7 @@
 -- what came back, for the overload section of bench/bench.py and tests/test_overload.py:
 --   wrk -t2 -c4000 -d5s --timeout 10s -s bench/bench_overload.lua http://127.0.0.1:8000/appointments
 -- wrk resends at once whatever it got, Retry-After included: the worst client there is.
--- At the end, one line "CAPACITY {json}": capacity_report.lua's fields (latencies in
+-- At the end, one line "RESULT {json}": bench_report.lua's fields (latencies in
 -- microseconds, over every answer, 503s included) and, summed over the threads,
 --   ok            answers 2xx
 --   shed          answers 503
@@ -60,4 +60,4 @@ function extra_report()
     return sums
 end
 
-dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "") .. "capacity_report.lua")
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "") .. "bench_report.lua")

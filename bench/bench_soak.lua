@@ -68,4 +68,4 @@ function extra_report()
     return { sent = sent_total, ends = ends_total }
 end
 
-dofile(bench.dir .. "capacity_report.lua")
+dofile(bench.dir .. "bench_report.lua")

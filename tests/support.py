@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Sequence
 
 import jsonschema
 import psycopg
@@ -570,12 +570,13 @@ class Edge:
         return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
 
 
-def run_wrk(url: str, connections: int, seconds: float, script: Path = OVERLOAD_LUA, threads: int = 2) -> dict:
-    """wrk against url; the script's CAPACITY line (bench/capacity_report.lua) as a dict, with
-    `duration_s` and, for bench_overload.lua, `goodput` (2xx answers a second)."""
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url]
+def run_wrk(url: str, connections: int, seconds: float, script: Path = OVERLOAD_LUA, threads: int = 2, args: Sequence[str] = ()) -> dict:
+    """wrk against url (``args`` after it: more options such as -H, then ``--`` and the script's
+    own); the script's RESULT line (bench/bench_report.lua) as a dict, with `duration_s` and, for
+    bench_overload.lua, `goodput` (2xx answers a second). bench/bench.py runs its timed cells with it too."""
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url, *args]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
-    found = re.search(r"^CAPACITY (\{.*\})$", done.stdout, re.M)
+    found = re.search(r"^RESULT (\{.*\})$", done.stdout, re.M)
     if done.returncode != 0 or not found:
         raise AssertionError(f"wrk failed ({done.returncode}): {done.stdout}{done.stderr}")
     figures = json.loads(found.group(1))

@@ -1,11 +1,11 @@
 """The benchmark harness (bench/bench.py, `make bench`) cannot silently rot: its smoke run, in CI.
 
-The smoke runs every section at tiny sizes (about a minute) on a cluster of its own; its figures
-mean little, so nothing here judges them, only that each is there, numeric and next to its
-ceiling, and that the ledger checks it ran found every charge billed exactly once. Without wrk
-or haproxy (Debian's packages) it is skipped, unless REQUIRE_WRK=1 (CI), which makes that a
-failure. How the soak is cut
-into its parts is checked without running anything.
+The smoke runs every section at tiny sizes (about a minute and a half) on a cluster of its own;
+its figures mean little, so nothing here judges them, only that every section ran and put its
+figures in the report, numeric and next to their ceilings, and that the ledger checks it ran found
+every charge billed exactly once. Without wrk, haproxy or pgbackrest (Debian's packages) it is
+skipped, unless REQUIRE_WRK=1 (CI), which makes that a failure. How the soak is cut into its parts
+is checked without running anything.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _load_harness():
 
 bench = _load_harness()
 SECTIONS = ("1_framework_ceiling", "2_api", "3_drain", "4_end_to_charge", "5_interference", "6_memory", "7_overload", "8_hung_database",
-            "9_backups")
+            "9_backups", "10_scale_out", "11_listings")
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +55,10 @@ def is_number(value) -> bool:
 
 
 def test_smoke_run_reports_every_section_next_to_its_ceiling(smoke):
-    """Every section has figures; every figure of 2-6 has a numeric value and ceiling."""
+    """Every section ran and has figures in the table; every figure of 2-6 has a numeric value and ceiling."""
     report, printed = smoke
-    assert set(SECTIONS) <= set(report["sections"])
-    for number in range(1, 9):
+    assert set(SECTIONS) == set(report["sections"])
+    for number in range(1, len(SECTIONS) + 1):
         rows = [row for row in report["table"] if row["section"] == number]
         assert rows, f"section {number} has no figure in the table"
         for row in rows:
@@ -70,10 +70,16 @@ def test_smoke_run_reports_every_section_next_to_its_ceiling(smoke):
 
 
 def test_smoke_run_found_every_charge_billed_exactly_once(smoke):
-    """The drains and the interference run each ended with one entry per charge (tests/support.py ledger())."""
+    """The drains (1, 2 and 4 workers, plain SQL) and the interference run each ended with one entry
+    per charge (tests/support.py ledger())."""
     report, _ = smoke
     drain, interference = report["sections"]["3_drain"], report["sections"]["5_interference"]
-    checks = [drain["one_worker"]["ledger"], drain["two_workers"]["ledger"], drain["sql_ceiling"]["ledger"], interference["ledger"]]
+    workers = [drain[key] for key in ("one_worker", "two_workers", "four_workers")]
+    checks = [*(cell["ledger"] for cell in workers), drain["sql_ceiling"]["ledger"], interference["ledger"]]
+    assert [cell["workers"] for cell in workers] == [1, 2, 4]
+    for cell in workers:
+        assert is_number(cell["cpu_us_per_charge"]["workers"]) and is_number(cell["cpu_us_per_charge"]["postgresql"]), cell
+    assert drain["sql_ceiling"]["cpu_us_per_charge"]["postgresql"] > 0
     for check in checks:
         assert check["ok"], check
         assert check["billed_once"] == check["charges"] == drain["backlog"] > 0, check
@@ -185,3 +191,31 @@ def test_smoke_run_restores_a_lost_data_directory_within_the_rpo(smoke):
     assert b["ledger"]["ended"] == b["ledger"]["entries"] >= b["appointments"] + b["ends_acknowledged"] - b["lost"] + 1, b
     assert b["restore_s"] + b["replay_and_promote_s"] <= b["rto_s"], b
     assert "9. data directory lost: RTO" in printed
+
+
+def test_smoke_run_puts_one_and_two_api_processes_behind_the_edge(smoke):
+    """Section 10 started and ended appointments through the edge in front of one API process and
+    of two, without an error, and read what each part spent; with two, both processes served (the
+    edge's second slot reached the second process)."""
+    report, _ = smoke
+    section = report["sections"]["10_scale_out"]
+    cells = {(c["api_processes"], c["kind"], c["connections"]): c for c in section["cells"]}
+    assert set(cells) == {(n, kind, c) for n in (1, 2) for kind in ("start", "end") for c in section["connections"]}
+    for (processes, _, _), cell in cells.items():
+        assert cell["requests_per_second"] > 0 and cell["errors"] == 0, cell
+        cpu = cell["cpu_us_per_request"]
+        assert cpu["edge"] > 0 and cpu["postgresql"] > 0 and len(cpu["each_api_process"]) == processes, cpu
+        assert all(share > 0 for share in cpu["each_api_process"]), cpu
+
+
+def test_smoke_run_pages_each_listing_to_a_deep_page(smoke):
+    """Section 11 loaded the listings' data set and timed page 1 and a deep page of each listing
+    and of the change feed, with the buffers each read and the same page by OFFSET."""
+    report, _ = smoke
+    section = report["sections"]["11_listings"]
+    assert section["deep_page"] >= 2 and section["rows"] == report["settings"]["listing_rows"]
+    assert [route["route"].split(" (")[0] for route in section["routes"]] == [
+        "GET /appointments", "GET /appointments?physician_id=", "GET /billing-entries", "GET /billing-entries/changes"]
+    for route in section["routes"]:
+        assert all(is_number(route[key]) and route[key] > 0 for key in ("first_page_ms", "deep_page_ms", "offset_ms")), route
+        assert all(is_number(n) and n > 0 for n in route["buffers"].values()), route

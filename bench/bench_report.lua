@@ -1,6 +1,7 @@
--- Shared by the capacity_*.lua scripts: at the end, one line "CAPACITY {json}" with what
--- bench/capacity.py reads (latencies in microseconds; errors as wrk counts them: sockets, and
--- any status of 400 and over). A script may define extra_report() for more fields.
+-- Shared by the bench_*.lua scripts (each dofile()s it last): at the end, one line "RESULT {json}"
+-- with what bench/bench.py and tests/support.py run_wrk() read (latencies in microseconds; errors as
+-- wrk counts them: sockets, and any status of 400 and over). A script may define extra_report()
+-- for more fields.
 function done(summary, latency, requests)
     local fields = {
         string.format('"requests": %d', summary.requests),
@@ -20,5 +21,5 @@ function done(summary, latency, requests)
             fields[#fields + 1] = string.format('"%s": %d', key, value)
         end
     end
-    io.write("CAPACITY {" .. table.concat(fields, ", ") .. "}\n")
+    io.write("RESULT {" .. table.concat(fields, ", ") .. "}\n")
 end
