@@ -2,7 +2,7 @@
 fresh install, keeping every row, and leave an up-to-date database as it is.
 
 Each older version's files are kept frozen in tests/schema_versions/<version>/, exactly as
-databases of that version were made with them. A database is made with them, given rows, upgraded
+databases of that version were made with them (gzipped: never edited, read with zcat). A database is made with them, given rows, upgraded
 with today's files (through db.apply_schema and through psql -f, the two ways docs/operations.md
 gives), and its catalog compared with a fresh install's: columns, constraints, indexes, triggers,
 functions, views, owners, grants and storage parameters. What an upgraded database keeps of its
@@ -15,6 +15,7 @@ which the test using it upgrades.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import shutil
 import subprocess
 import uuid
@@ -83,13 +84,13 @@ def rows(conn) -> dict[str, list[dict]]:
 
 
 def version_files(version: int) -> list:
-    return [path for path in (VERSIONS / str(version) / "schema.sql", VERSIONS / str(version) / "roles.sql") if path.exists()]
+    return [path for path in (VERSIONS / str(version) / "schema.sql.gz", VERSIONS / str(version) / "roles.sql.gz") if path.exists()]
 
 
 def make_version(url: str, version: int) -> None:
     """A database as that version made it: its files as one query, as its apply-schema sent them."""
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("\n".join(path.read_text(encoding="utf-8") for path in version_files(version)))
+        conn.execute("\n".join(gzip.decompress(path.read_bytes()).decode() for path in version_files(version)))
 
 
 def apply_with_psql(url: str) -> None:
