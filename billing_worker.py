@@ -48,7 +48,7 @@ CHANNEL = "billing_queue"
 # between its savepoints.
 WORKER_SESSION = {"idle_in_transaction_session_timeout": "5s", "statement_timeout": "60s"}
 # A batch ends within this long on our side of the socket, also on a server that does not answer
-# (db.within): the fast path's one statement takes 0.1-0.2 s for 5,000 rows. A batch cut short
+# (db.within): the fast path's one statement takes a fraction of a second for 5,000 rows. A batch cut short
 # may have committed or not; either way each of its charges is billed once (the module's
 # docstring). The row-by-row path, after a row's error, takes at most ROW_BY_ROW_BATCH rows, a
 # savepoint and a statement each, within ROW_BY_ROW_DEADLINE_SECONDS: small enough to finish on a

@@ -184,7 +184,8 @@ class SchemaValidator:
     """Validates request bodies against the JSON Schemas in openapi.yaml (one source of truth).
 
     Two validators of the same schema: fastjsonschema's, compiled to Python code once at start,
-    decides (about 3 µs; jsonschema's walk took 25-70 µs, a fifth of a start's CPU), and
+    decides (compiled code: a small fraction of the CPU jsonschema's walk costs, which would be a
+    large share of a start's; docs/performance.md), and
     jsonschema words a rejection with its best_match error. They read the same schema dict, and
     "uuid" is checked by jsonschema's own format checker in both. fastjsonschema knows drafts 4
     to 7 and jsonschema 2020-12: the schemas may use only keywords both read alike
@@ -505,8 +506,8 @@ THREADS = 8
 
 
 # Served on threads of their own (Lanes): a kubelet or a load balancer that cannot reach
-# liveness within its timeout restarts or drops a healthy process, which is what happened when
-# every request thread waited on a database that had stopped answering.
+# liveness within its timeout restarts or drops a healthy process, as it would whenever every
+# request thread waits on a database that has stopped answering.
 PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
 PROBE_THREADS = 2
 
