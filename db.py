@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import logging
 import os
 import pathlib
 import random
@@ -465,6 +466,7 @@ class Listen:
         self._stop = stop
         self._conn: psycopg.Connection | None = None
         self._next_connect = 0.0
+        self._failing = False  # said at warning once an outage, not at every try
 
     @property
     def listening(self) -> bool:
@@ -500,12 +502,17 @@ class Listen:
         try:
             with within(self.CONNECT_DEADLINE_SECONDS):
                 self._conn = self._pool.connect_unpooled(self._application_name)
-                self._conn.execute(f"LISTEN {self._channel}")  # a name of ours, never input
-            return True
+                # A name of ours, never input; spelt bare, as pg_stat_activity then shows it.
+                self._conn.execute(f"LISTEN {self._channel}")
         except psycopg.Error as exc:
-            log.debug("cannot_listen_yet", channel=self._channel, error=str(exc).strip())
+            log.log(logging.DEBUG if self._failing else logging.WARNING, "cannot_listen_yet_polling", channel=self._channel, error=str(exc).strip())
+            self._failing = True
             self.close()
             return False
+        if self._failing:
+            log.info("listening_again", channel=self._channel)
+            self._failing = False
+        return True
 
     def close(self) -> None:
         if self._conn is not None:

@@ -23,6 +23,9 @@ SELECT (SELECT count(*) FROM appointments WHERE end_date IS NOT NULL) AS ended,
        (SELECT count(*) FROM billing_queue WHERE status = 'failed') AS failed
 """
 
+# Every query of the report sees the same committed state, and none can write.
+ONE_SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
 RECONCILE_CHECKS = {
     # Ended, yet neither queued nor billed: a charge lost before it reached the queue.
     "ended_without_charge": """
@@ -78,7 +81,7 @@ RECONCILE_CHECKS = {
 def reconcile(pool: psycopg_pool.ConnectionPool) -> dict:
     """The counts, and under each check's name the rows it found (values as text, for JSON)."""
     with pool.connection() as conn, conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        conn.execute(ONE_SNAPSHOT)
         cur = conn.cursor(row_factory=dict_row)
         report = {"counts": cur.execute(RECONCILE_COUNTS).fetchone()}
         for name, query in RECONCILE_CHECKS.items():

@@ -1845,9 +1845,16 @@ LISTINGS_PAGE = 100
 LISTINGS_DEEP_PAGE = 500  # the page measured against page 1, at most: rows 49,901-50,000
 
 # The row just before a deep page in each order, by OFFSET: its cursor is the one that page's Link carries.
-APPOINTMENTS_ORDER = "SELECT start_date, id FROM appointments WHERE {} ORDER BY start_date DESC, id DESC OFFSET %s LIMIT 1"
-ENTRIES_ORDER = "SELECT created_at, appointment_id FROM billing_entries ORDER BY created_at DESC, appointment_id DESC OFFSET %s LIMIT 1"
-FEED_ORDER = "SELECT txid::text AS txid, appointment_id FROM billing_entries ORDER BY txid, appointment_id OFFSET %s LIMIT 1"
+APPOINTMENTS_ORDER = "SELECT start_date, id FROM appointments ORDER BY start_date DESC, id DESC OFFSET %(skipped)s LIMIT 1"
+PHYSICIAN_ORDER = """
+SELECT start_date, id FROM appointments WHERE physician_id = %(physician_id)s
+ORDER BY start_date DESC, id DESC OFFSET %(skipped)s LIMIT 1
+"""
+ENTRIES_ORDER = "SELECT created_at, appointment_id FROM billing_entries ORDER BY created_at DESC, appointment_id DESC OFFSET %(skipped)s LIMIT 1"
+FEED_ORDER = "SELECT txid::text AS txid, appointment_id FROM billing_entries ORDER BY txid, appointment_id OFFSET %(skipped)s LIMIT 1"
+# support.load_listings' busy physician (a tenth of the appointments), and how many are theirs.
+BUSY_PHYSICIAN = "SELECT md5('physician 0')::uuid AS u"
+PHYSICIAN_ROWS = "SELECT count(*) AS n FROM appointments WHERE physician_id = %(physician_id)s"
 
 
 def listings_deep_page(rows: int) -> int:
@@ -1887,24 +1894,23 @@ def listings_pages(url: str, deep: int, repeats: int) -> list[dict]:
     the real code path; the same deep page by OFFSET in SQL, for contrast."""
     skipped, feed_skipped = (deep - 1) * LISTINGS_PAGE, deep * LISTINGS_PAGE
     observer = psycopg.connect(url, autocommit=True, row_factory=dict_row)
-    busy = observer.execute("SELECT md5('physician 0')::uuid AS u").fetchone()["u"]
-    busy_rows = observer.execute("SELECT count(*) AS n FROM appointments WHERE physician_id = %s", [busy]).fetchone()["n"]
+    busy = observer.execute(BUSY_PHYSICIAN).fetchone()["u"]
+    busy_rows = observer.execute(PHYSICIAN_ROWS, {"physician_id": busy}).fetchone()["n"]
 
-    def nth(query: str, *args):
-        row = observer.execute(query, [*args]).fetchone()
+    def nth(query: str, **params):
+        row = observer.execute(query, params).fetchone()
         if row is None:
             raise BenchError(f"too few rows for page {deep}: {query}")
         return row
 
-    last_before = nth(APPOINTMENTS_ORDER.format("TRUE"), skipped - 1)
-    last_busy = nth(APPOINTMENTS_ORDER.format("physician_id = %s"), busy, skipped - 1)
-    last_entry = nth(ENTRIES_ORDER, skipped - 1)
-    last_fed = nth(FEED_ORDER, feed_skipped - 1)
+    last_before = nth(APPOINTMENTS_ORDER, skipped=skipped - 1)
+    last_busy = nth(PHYSICIAN_ORDER, physician_id=busy, skipped=skipped - 1)
+    last_entry = nth(ENTRIES_ORDER, skipped=skipped - 1)
+    last_fed = nth(FEED_ORDER, skipped=feed_skipped - 1)
 
     def appointments_cursor(row) -> str:
         return paging.list_cursor("appointments", paging.ListPosition(row["start_date"], row["id"]))
 
-    setup_logging("bench", "WARNING", "json")  # no JSON line per request on the harness's terminal
     # The services' own roles and session settings, as their main() makes them.
     api_config = config.Config(database_url=psycopg.conninfo.make_conninfo(url, user=ROLES["api"]))
     worker_config = config.Config(database_url=psycopg.conninfo.make_conninfo(url, user=ROLES["worker"]))
@@ -2261,6 +2267,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    setup_logging("bench", "WARNING", "json")  # the apps section 11 runs in process: no line per request
     began = dt.datetime.now(dt.timezone.utc)
     stamp = f"{began:%Y%m%d-%H%M%S}"
     if args.out:

@@ -87,6 +87,16 @@ def require_tools(*tools: str, required_by: str) -> None:
         unavailable(f"{' and '.join(lacking)} not on the PATH (apt-get install {' '.join(lacking)})", required_by)
 
 
+def has_tool(tool: str, required_by: str) -> bool:
+    """For a test that goes on without ``tool``: whether it is on the PATH; a failure, as in
+    unavailable(), when it is not and the environment sets ``required_by`` to 1."""
+    if shutil.which(tool) is not None:
+        return True
+    if os.environ.get(required_by) == "1":
+        unavailable(f"{tool} not on the PATH (apt-get install {tool})", required_by)
+    return False
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
     """Polls predicate until it returns something truthy; fails the test after timeout."""
     deadline = time.monotonic() + timeout
@@ -276,7 +286,8 @@ SHAPE = {
     "relations": """
         SELECT c.relname, c.relkind::text, c.relpersistence::text, pg_get_userbyid(c.relowner),
                array_to_string(ARRAY(SELECT unnest(c.relacl)::text ORDER BY 1), ' '),
-               array_to_string(ARRAY(SELECT unnest(c.reloptions) ORDER BY 1), ' ')
+               array_to_string(ARRAY(SELECT unnest(c.reloptions) ORDER BY 1), ' '),
+               c.relrowsecurity, c.relforcerowsecurity
         FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace""",
     "columns": """
         SELECT c.relname, a.attname, rank() OVER (PARTITION BY c.oid ORDER BY a.attnum)::int,
@@ -297,6 +308,27 @@ SHAPE = {
         SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid), tgenabled::text
         FROM pg_trigger WHERE NOT tgisinternal
           AND tgrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'public'::regnamespace)""",
+    # The foreign keys' own triggers, by their constraint (their names carry oids): disabled, a
+    # foreign key is no longer enforced.
+    "constraint triggers": """
+        SELECT c.conname, t.tgfoid::regproc::text, t.tgenabled::text
+        FROM pg_trigger t JOIN pg_constraint c ON c.oid = t.tgconstraint
+        WHERE t.tgisinternal AND c.connamespace = 'public'::regnamespace""",
+    "rules": """
+        SELECT ev_class::regclass::text, rulename, pg_get_ruledef(oid) FROM pg_rewrite
+        WHERE rulename <> '_RETURN' AND ev_class IN (SELECT oid FROM pg_class WHERE relnamespace = 'public'::regnamespace)""",
+    "policies": """
+        SELECT polrelid::regclass::text, polname, polcmd::text, polpermissive FROM pg_policy""",
+    "types": """
+        SELECT typname, typtype::text, pg_get_userbyid(typowner) FROM pg_type
+        WHERE typnamespace = 'public'::regnamespace AND typtype IN ('b', 'd', 'e', 'm', 'r')""",
+    "statistics objects": """
+        SELECT stxname FROM pg_statistic_ext WHERE stxnamespace = 'public'::regnamespace""",
+    "event triggers": """
+        SELECT evtname, evtevent, evtenabled::text FROM pg_event_trigger""",
+    "default privileges": """
+        SELECT pg_get_userbyid(defaclrole), defaclobjtype::text, array_to_string(ARRAY(SELECT unnest(defaclacl)::text ORDER BY 1), ' ')
+        FROM pg_default_acl""",
     "functions": """
         SELECT oid::regprocedure::text, pg_get_functiondef(oid), pg_get_userbyid(proowner),
                array_to_string(ARRAY(SELECT unnest(proacl)::text ORDER BY 1), ' ')
@@ -308,7 +340,7 @@ SHAPE = {
         SELECT nspname, pg_get_userbyid(nspowner), array_to_string(ARRAY(SELECT unnest(nspacl)::text ORDER BY 1), ' ')
         FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'""",
     "database": """
-        SELECT array_to_string(ARRAY(SELECT unnest(datacl)::text ORDER BY 1), ' ')
+        SELECT array_to_string(ARRAY(SELECT unnest(datacl)::text ORDER BY 1), ' '), pg_get_userbyid(datdba), datconnlimit, datallowconn
         FROM pg_database WHERE datname = current_database()""",
     "settings": """
         SELECT pg_get_userbyid(setrole), array_to_string(setconfig, ' ') FROM pg_db_role_setting
@@ -321,6 +353,16 @@ SHAPE = {
 
 def catalog_shape(conn) -> dict[str, set[tuple]]:
     return {aspect: set(conn.execute(query).fetchall()) for aspect, query in SHAPE.items()}
+
+
+# Every aspect of SHAPE hashed on the server, in one round trip: equal when catalog_shape() is.
+CATALOG_FINGERPRINT = "SELECT " + ", ".join(
+    f"(SELECT md5(coalesce(string_agg(row::text, E'\\n' ORDER BY row::text), '')) FROM ({query}) AS row)" for query in SHAPE.values()
+)
+
+
+def catalog_fingerprint(conn) -> tuple:
+    return tuple(conn.execute(CATALOG_FINGERPRINT).fetchone())
 
 
 # The database role each service logs in as (roles.sql); trust authentication needs no password.

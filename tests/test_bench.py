@@ -79,7 +79,7 @@ def test_smoke_run_found_every_charge_billed_exactly_once(smoke):
     assert [cell["workers"] for cell in workers] == [1, 2, 4]
     for cell in workers:
         assert is_number(cell["cpu_us_per_charge"]["workers"]) and is_number(cell["cpu_us_per_charge"]["postgresql"]), cell
-    assert drain["sql_ceiling"]["cpu_us_per_charge"]["postgresql"] > 0
+    assert is_number(drain["sql_ceiling"]["cpu_us_per_charge"]["postgresql"])
     for check in checks:
         assert check["ok"], check
         assert check["billed_once"] == check["charges"] == drain["backlog"] > 0, check

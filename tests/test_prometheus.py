@@ -8,7 +8,6 @@ out (REQUIRE_HAPROXY=1 makes that a failure).
 """
 
 import contextlib
-import os
 import shutil
 import subprocess
 import tempfile
@@ -19,17 +18,15 @@ import pytest
 import requests
 import yaml
 
-from support import ROOT, Edge, free_port, unavailable, wait_until
+from support import ROOT, Edge, free_port, has_tool, require_tools, wait_until
 
 DEPLOY = ROOT / "deploy" / "prometheus"
 
 
 @pytest.fixture
 def prometheus_binary():
-    binary = shutil.which("prometheus")
-    if binary is None:
-        unavailable("prometheus is not on the PATH (apt-get install prometheus)", "REQUIRE_PROMETHEUS")
-    return binary
+    require_tools("prometheus", required_by="REQUIRE_PROMETHEUS")
+    return shutil.which("prometheus")
 
 
 def shipped_config_pointed_at(targets: dict[str, str]) -> dict:
@@ -47,9 +44,7 @@ def shipped_config_pointed_at(targets: dict[str, str]) -> dict:
 @pytest.fixture
 def edge_in_front(tmp_path):
     """An Edge(api_url) maker, or None without haproxy (a failure under REQUIRE_HAPROXY=1)."""
-    if shutil.which("haproxy") is None:
-        if os.environ.get("REQUIRE_HAPROXY") == "1":
-            unavailable("haproxy is not on the PATH (apt-get install haproxy)", "REQUIRE_HAPROXY")
+    if not has_tool("haproxy", "REQUIRE_HAPROXY"):
         yield None  # the scrape goes on without the edge's job
         return
     with contextlib.ExitStack() as stack:
