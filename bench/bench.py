@@ -395,7 +395,11 @@ def tail(path: Path, chars: int = 3000) -> str:
 
 
 class Processes:
-    """Every process the run starts; stop_all() stops those still running, whatever happened."""
+    """Every process the run starts; stop_all() stops those still running, whatever happened.
+
+    Not support.Service, which the tests use: a run starts processes of every kind (wrk, pgbench,
+    HAProxy, the ceiling app, workers run --once), many at a time, and must leave none behind
+    even when this script is killed (setpriv --pdeathsig), outside any pytest fixture."""
 
     def __init__(self, log_dir: Path):
         self.log_dir = log_dir
