@@ -600,7 +600,11 @@ class Run:
         self.began = time.monotonic()  # main() sets it to its own start
 
     @contextlib.contextmanager
-    def timed(self, name: str):
+    def timed(self, name: str, heading: str | None = ""):
+        """Times a part of the run under ``name``, after printing ``heading`` (the name when
+        empty, nothing when None)."""
+        if heading is not None:
+            say(heading or name)
         t0 = time.monotonic()
         try:
             yield
@@ -2096,8 +2100,7 @@ def machine_facts(run: Run) -> dict:
 
 
 def execute(run: Run, report: dict) -> None:
-    with run.timed("cluster and databases"):
-        say("cluster: initdb, start (fsync on)")
+    with run.timed("cluster and databases", "cluster: initdb, start (fsync on)"):
         run.cluster = BenchCluster()
         run.cluster.start_in(run.cluster_processes)
         run.create_database("bench")
@@ -2106,7 +2109,6 @@ def execute(run: Run, report: dict) -> None:
         report["machine"] = machine_facts(run)
 
     with run.timed("1-2. framework ceiling, design floor, API, pgbench"):
-        say("1-2. framework ceiling, design floor, API, pgbench")
         ceiling_port = floor_port = free_port()
         while floor_port == ceiling_port:
             floor_port = free_port()
@@ -2124,43 +2126,34 @@ def execute(run: Run, report: dict) -> None:
         run.processes.stop(floor_app)
 
     with run.timed("4. end to charge"):
-        say("4. end to charge")
         end_to_charge(run, report, base)
         run.retire("api", "api", api)
 
     with run.timed("10. one and two API processes behind the edge"):
-        say("10. one and two API processes behind the edge")
         scale_out(run, report)
 
-    with run.timed("11. listings"):
-        say(f"11. listings: {run.args.listing_rows:,} appointments, page 1 against page {listings_deep_page(run.args.listing_rows)}")
+    with run.timed("11. listings", f"11. listings: {run.args.listing_rows:,} appointments, page 1 against page {listings_deep_page(run.args.listing_rows)}"):
         listings(run, report)
 
-    with run.timed("6. soak (makes the backlog)"):
-        say("6. soak (it makes the backlog of 3 and 5)")
+    with run.timed("6. soak (makes the backlog)", "6. soak (it makes the backlog of 3 and 5)"):
         charges = soak(run, report)
 
     with run.timed("3. drain"):
-        say("3. drain")
         drains(run, report, charges)
 
     with run.timed("5. interference"):
-        say("5. interference")
         interference(run, report, charges)
 
-    with run.timed("7. overload"):
-        say("7. overload, straight at the API and through the edge")
+    with run.timed("7. overload", "7. overload, straight at the API and through the edge"):
         overload(run, report)
 
     with run.timed("8. hung database"):
-        say("8. hung database")
         hung_database(run, report)
 
-    with run.timed("9. backups"):
-        say(f"9. backups: {run.args.backup_appointments:,} appointments, a full backup under load, the data directory lost, restored")
+    with run.timed("9. backups", f"9. backups: {run.args.backup_appointments:,} appointments, a full backup under load, the data directory lost, restored"):
         backups(run, report)
 
-    with run.timed("6. memory floor"):
+    with run.timed("6. memory floor", heading=None):
         memory_summary(run, report, ceiling_peak_kb)
 
 
